@@ -1,0 +1,202 @@
+"""DeepSeek-V3 model configuration.
+
+Field names follow the Hugging Face ``DeepseekV3Config`` (``config.json``), so a checkpoint's
+config maps one-to-one; the few execution settings that Hugging Face does not have
+(``dtype``, ``dispatch``, ``capacity_factor``) come last.
+
+`ModelConfig.validate` checks every constraint the modules rely on and raises `ValueError`
+naming the offending setting and the allowed values, before any parameter is allocated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, Optional
+
+DISPATCH_SCHEDULES = ("flat", "two_hop")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """YaRN context extension (Peng et al. 2023; DeepSeek-V3 report §4.3).
+
+  Attributes:
+    factor: context extension factor s (new length / original length).
+    original_max_position_embeddings: the pre-extension context length L.
+    beta_fast: rotations at which interpolation stops (high-frequency end), alpha in YaRN.
+    beta_slow: rotations at which interpolation is complete (low-frequency end), beta in YaRN.
+    mscale: the attention-temperature coefficient used for the cos/sin amplitude.
+    mscale_all_dim: the coefficient used for the softmax scale (DeepSeek sets both to 1.0
+      for V3, 0.707 for V2).
+  """
+
+  factor: float
+  original_max_position_embeddings: int
+  beta_fast: float = 32.0
+  beta_slow: float = 1.0
+  mscale: float = 1.0
+  mscale_all_dim: float = 0.0
+  type: str = "yarn"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture of a DeepSeek-V3-style model (technical report §2, arXiv 2412.19437).
+
+  Sizes are counts (not bytes). The defaults are the tiny model of `configs/tiny.py`.
+  """
+
+  vocab_size: int = 256
+  hidden_size: int = 256
+  intermediate_size: int = 512  # dense MLP width (first `first_k_dense_replace` layers)
+  moe_intermediate_size: int = 128  # width of one routed / shared expert
+  num_hidden_layers: int = 4
+  num_attention_heads: int = 8
+  # Multi-head Latent Attention (report §2.1.1).
+  q_lora_rank: Optional[int] = 128  # None: plain q_proj, as in DeepSeek-V2-Lite
+  kv_lora_rank: int = 64
+  qk_nope_head_dim: int = 32
+  qk_rope_head_dim: int = 32
+  v_head_dim: int = 32
+  # DeepSeekMoE (report §2.1.2).
+  n_routed_experts: int = 32
+  n_shared_experts: int = 1
+  num_experts_per_tok: int = 4  # K_r
+  n_group: int = 4  # expert groups; = nodes of the expert-parallel group for node-limited routing
+  topk_group: int = 2  # M: groups (nodes) a token may reach
+  routed_scaling_factor: float = 2.5
+  norm_topk_prob: bool = True
+  first_k_dense_replace: int = 1
+  # Multi-token prediction depth D (report §2.2); 0 disables it.
+  num_nextn_predict_layers: int = 1
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = 10000.0
+  rope_interleave: bool = True
+  rope_scaling: Optional[RopeScaling] = None
+  max_position_embeddings: int = 256
+  tie_word_embeddings: bool = False
+  initializer_range: float = 0.02
+  # Execution settings (not part of the Hugging Face config).
+  dtype: str = "float32"  # activation / matmul dtype; parameters are always float32
+  dispatch: str = "flat"  # expert-parallel schedule, one of DISPATCH_SCHEDULES
+  capacity_factor: float = 1.25  # initial per-destination buffer size / balanced load
+
+  # ------------------------------------------------------------------ derived sizes
+  @property
+  def qk_head_dim(self) -> int:
+    return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+  @property
+  def experts_per_group(self) -> int:
+    return self.n_routed_experts // self.n_group
+
+  @property
+  def mtp_depth(self) -> int:
+    return self.num_nextn_predict_layers
+
+  def is_moe_layer(self, layer: int) -> bool:
+    """Whether decoder layer `layer` (0-based; MTP blocks count after the main stack) is MoE."""
+    return layer >= self.first_k_dense_replace
+
+  # ------------------------------------------------------------------ validation
+  def validate(self) -> "ModelConfig":
+    """Checks every constraint; returns self.
+
+    Raises:
+      ValueError: naming the setting, its value and what is allowed.
+    """
+    positive = (
+        "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
+        "num_hidden_layers", "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim",
+        "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "num_experts_per_tok", "n_group",
+        "topk_group", "max_position_embeddings")
+    for name in positive:
+      value = getattr(self, name)
+      if not isinstance(value, int) or value <= 0:
+        raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
+    if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or
+                                         self.q_lora_rank <= 0):
+      raise ValueError(f"model.q_lora_rank must be a positive integer or None, "
+                       f"got {self.q_lora_rank!r}")
+    if self.qk_rope_head_dim % 2:
+      raise ValueError(f"model.qk_rope_head_dim must be even (RoPE rotates pairs), "
+                       f"got {self.qk_rope_head_dim}")
+    for name in ("n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 0:
+        raise ValueError(f"model.{name} must be a non-negative integer, got {value!r}")
+    if self.n_routed_experts % self.n_group:
+      raise ValueError(
+          f"model.n_routed_experts={self.n_routed_experts} must be divisible by "
+          f"model.n_group={self.n_group}")
+    if self.topk_group > self.n_group:
+      raise ValueError(f"model.topk_group={self.topk_group} must be <= "
+                       f"model.n_group={self.n_group} (allowed: 1..{self.n_group})")
+    reachable = self.topk_group * self.experts_per_group
+    if self.num_experts_per_tok > reachable:
+      raise ValueError(
+          f"model.num_experts_per_tok={self.num_experts_per_tok} exceeds the experts in the "
+          f"allowed groups (topk_group * n_routed_experts / n_group = {reachable}); allowed: "
+          f"1..{reachable}")
+    if self.experts_per_group < 2:
+      raise ValueError(
+          f"model.n_routed_experts / model.n_group = {self.experts_per_group}: group scores "
+          "sum each group's top-2 experts, so every group needs at least 2 experts")
+    if self.routed_scaling_factor <= 0:
+      raise ValueError(f"model.routed_scaling_factor must be > 0, "
+                       f"got {self.routed_scaling_factor}")
+    if self.dtype not in COMPUTE_DTYPES:
+      raise ValueError(f"model.dtype={self.dtype!r}; allowed: {COMPUTE_DTYPES}")
+    if self.dispatch not in DISPATCH_SCHEDULES:
+      raise ValueError(f"model.dispatch={self.dispatch!r}; allowed: {DISPATCH_SCHEDULES}")
+    if not (isinstance(self.capacity_factor, (int, float)) and self.capacity_factor > 0):
+      raise ValueError(f"model.capacity_factor must be > 0, got {self.capacity_factor!r}")
+    if self.rope_scaling is not None:
+      rs = self.rope_scaling
+      if rs.type != "yarn":
+        raise ValueError(f"model.rope_scaling.type={rs.type!r}; allowed: ('yarn',)")
+      if rs.factor < 1:
+        raise ValueError(f"model.rope_scaling.factor must be >= 1, got {rs.factor}")
+      if rs.original_max_position_embeddings <= 0:
+        raise ValueError("model.rope_scaling.original_max_position_embeddings must be > 0, "
+                         f"got {rs.original_max_position_embeddings}")
+    return self
+
+  # ------------------------------------------------------------------ (de)serialisation
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+    """Builds a config from a flat mapping of this class's field names (e.g. a ConfigDict).
+
+    Raises:
+      ValueError: on a key that is not a field (the message lists the allowed keys).
+    """
+    d = dict(d)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+      raise ValueError(f"unknown model setting(s) {unknown}; allowed: {sorted(names)}")
+    rs = d.get("rope_scaling")
+    if rs is not None and not isinstance(rs, RopeScaling):
+      rs = dict(rs)
+      rs_names = {f.name for f in dataclasses.fields(RopeScaling)}
+      bad = sorted(set(rs) - rs_names)
+      if bad:
+        raise ValueError(f"unknown model.rope_scaling setting(s) {bad}; allowed: "
+                         f"{sorted(rs_names)}")
+      d["rope_scaling"] = RopeScaling(**rs)
+    return cls(**d).validate()
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  def replace(self, **changes) -> "ModelConfig":
+    return dataclasses.replace(self, **changes).validate()
+
+
+def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
+  """YaRN attention temperature 0.1 * mscale * ln(s) + 1 (1 for s <= 1)."""
+  if scale <= 1:
+    return 1.0
+  return 0.1 * mscale * math.log(scale) + 1.0

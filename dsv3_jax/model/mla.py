@@ -1,0 +1,88 @@
+"""Multi-head Latent Attention (DeepSeek-V2 §2.1; DeepSeek-V3 report §2.1.1, eqs. 1-11).
+
+Keys and values are generated from a joint latent c_KV = W_DKV h of `kv_lora_rank` dims (what
+an inference engine caches) plus one decoupled RoPE key k^R of `qk_rope_head_dim` dims shared
+by all heads. Queries come from their own low-rank latent when `q_lora_rank` is set.
+
+Layouts follow Hugging Face `DeepseekV3Attention`:
+  q_b_proj / q_proj out, per head: [q_nope (qk_nope_head_dim) | q_rope (qk_rope_head_dim)]
+  kv_a_proj_with_mqa out:          [c_KV (kv_lora_rank) | k_rope (qk_rope_head_dim)]
+  kv_b_proj out, per head:         [k_nope (qk_nope_head_dim) | v (v_head_dim)]
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsv3_jax.model.config import ModelConfig
+from dsv3_jax.model.layers import Linear
+from dsv3_jax.model.norms import RMSNorm
+from dsv3_jax.model.rope import apply_rope, softmax_scale
+
+LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm use the RMSNorm default, not rms_norm_eps
+
+
+class MultiHeadLatentAttention(nnx.Module):
+  """Causal MLA self-attention (training / prefill form: keys and values are up-projected)."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    c = config
+    self.config = c
+    dtype = jnp.dtype(c.dtype)
+    kw = dict(dtype=dtype, init_std=c.initializer_range, rngs=rngs)
+    h = c.num_attention_heads
+    if c.q_lora_rank is None:
+      self.q_proj = Linear(c.hidden_size, h * c.qk_head_dim, **kw)
+    else:
+      self.q_a_proj = Linear(c.hidden_size, c.q_lora_rank, **kw)
+      self.q_a_layernorm = RMSNorm(c.q_lora_rank, eps=LATENT_NORM_EPS)
+      self.q_b_proj = Linear(c.q_lora_rank, h * c.qk_head_dim, **kw)
+    self.kv_a_proj_with_mqa = Linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim, **kw)
+    self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, eps=LATENT_NORM_EPS)
+    self.kv_b_proj = Linear(c.kv_lora_rank, h * (c.qk_nope_head_dim + c.v_head_dim), **kw)
+    self.o_proj = Linear(h * c.v_head_dim, c.hidden_size, **kw)
+    self.scale = softmax_scale(c)
+
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
+               segment_ids: jax.Array | None = None) -> jax.Array:
+    """Causal self-attention.
+
+    Args:
+      x: [batch, seq, hidden].
+      cos, sin: [seq, qk_rope_head_dim // 2] float32 rotary tables (`rope.rope_cos_sin`).
+      segment_ids: optional [batch, seq] int; tokens attend only within their segment.
+
+    Returns:
+      [batch, seq, hidden] in the compute dtype.
+    """
+    c = self.config
+    b, s, _ = x.shape
+    h = c.num_attention_heads
+    if c.q_lora_rank is None:
+      q = self.q_proj(x)
+    else:
+      q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+    q = q.reshape(b, s, h, c.qk_head_dim)
+    q_nope, q_rope = q[..., :c.qk_nope_head_dim], q[..., c.qk_nope_head_dim:]
+
+    kv_a = self.kv_a_proj_with_mqa(x)
+    c_kv, k_rope = kv_a[..., :c.kv_lora_rank], kv_a[..., c.kv_lora_rank:]
+    kv = self.kv_b_proj(self.kv_a_layernorm(c_kv)).reshape(b, s, h, c.qk_nope_head_dim +
+                                                           c.v_head_dim)
+    k_nope, v = kv[..., :c.qk_nope_head_dim], kv[..., c.qk_nope_head_dim:]
+
+    q_rope = apply_rope(q_rope, cos, sin, interleave=c.rope_interleave)
+    k_rope = apply_rope(k_rope[:, :, None, :], cos, sin, interleave=c.rope_interleave)[:, :, 0]
+
+    # Scores = q_nope.k_nope (per head) + q_rope.k_rope (one rope key shared by all heads).
+    scores = (jnp.einsum("bqhd,bkhd->bhqk", q_nope, k_nope) +
+              jnp.einsum("bqhd,bkd->bhqk", q_rope, k_rope)).astype(jnp.float32) * self.scale
+    mask = jnp.tril(jnp.ones((s, s), jnp.bool_))
+    if segment_ids is not None:
+      mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, s, h * c.v_head_dim)
+    return self.o_proj(out)

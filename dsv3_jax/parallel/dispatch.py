@@ -1,0 +1,410 @@
+"""Expert-parallel dispatch / combine schedules for DeepSeekMoE.
+
+Sources: DeepSeek-V3 technical report §3.2.2 (cross-node all-to-all: a token crosses
+InfiniBand at most once per destination node, to the GPU with the same in-node index, and is
+forwarded to its experts over NVLink; combine reduces within the node first); "Insights into
+DeepSeek-V3" (arXiv 2505.09343) §4.3 (node-limited routing).
+
+Everything here runs per device, inside `jax.shard_map` over a mesh with a `node` axis
+(inter-node fabric) and a `gpu` axis (intra-node fabric); with `EPTopology()` (1 x 1) it runs
+as plain local code and every collective is skipped, which is the single-device path.
+
+Shapes are static. Each hop packs rows into per-destination buffers of a fixed `capacity`
+(rows per source device and destination); rows beyond it are dropped and counted. With a
+capacity equal to `worst_case_capacity` nothing can be dropped. Schedules report the capacity
+each hop would have needed, so a caller can grow it and re-run (the trainer's dropless mode).
+`jax.lax.ragged_all_to_all` does not compile on XLA:CPU, so the padded all_to_all is the CPU path.
+
+Notation (scaling-book style): x[T, D] are a device's local tokens; E experts, E_l = E / n_dev
+per device; expert e lives on device e // E_l = node * gpus_per_node + gpu.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+# --------------------------------------------------------------------------------- topology
+
+
+@dataclasses.dataclass(frozen=True)
+class EPTopology:
+  """The expert-parallel group: `n_nodes` x `gpus_per_node` devices on mesh axes of those names.
+
+  Experts are laid out device-major over (node, gpu): expert e is on node
+  e // (E_l * gpus_per_node), GPU (e // E_l) % gpus_per_node.
+  """
+
+  n_nodes: int = 1
+  gpus_per_node: int = 1
+  node_axis: str = "node"
+  gpu_axis: str = "gpu"
+
+  @property
+  def n_devices(self) -> int:
+    return self.n_nodes * self.gpus_per_node
+
+  @property
+  def axes(self) -> tuple[str, str]:
+    return (self.node_axis, self.gpu_axis)
+
+  def experts_per_device(self, n_experts: int) -> int:
+    if n_experts % self.n_devices:
+      raise ValueError(
+          f"model.n_routed_experts={n_experts} is not divisible by the expert-parallel size "
+          f"{self.n_devices} (mesh.nodes={self.n_nodes} x mesh.gpus_per_node="
+          f"{self.gpus_per_node}); use a multiple of {self.n_devices}")
+    return n_experts // self.n_devices
+
+  def my_node(self) -> jax.Array:
+    return jax.lax.axis_index(self.node_axis) if self.n_nodes > 1 else jnp.int32(0)
+
+  def my_gpu(self) -> jax.Array:
+    return jax.lax.axis_index(self.gpu_axis) if self.gpus_per_node > 1 else jnp.int32(0)
+
+
+def _all_to_all(x: jax.Array, axes, size: int) -> jax.Array:
+  """all_to_all splitting and concatenating leading axis 0; identity when the group is 1."""
+  if size == 1:
+    return x
+  return jax.lax.all_to_all(x, axes, 0, 0, tiled=True)
+
+
+def _psum(x, topo: EPTopology):
+  return x if topo.n_devices == 1 else jax.lax.psum(x, topo.axes)
+
+
+def _pmax(x, topo: EPTopology):
+  return x if topo.n_devices == 1 else jax.lax.pmax(x, topo.axes)
+
+
+# ------------------------------------------------------------------------ row movement
+
+
+@jax.custom_vjp
+def take_rows(x: jax.Array, index: jax.Array, inverse: jax.Array) -> jax.Array:
+  """out[i] = x[index[i]] (zero where index[i] < 0), with a gather-only backward pass.
+
+  XLA:CPU scatters are slow, so instead of the default scatter-add transpose the caller
+  passes the inverse map: row r of x was copied to out positions inverse[r, :] (-1 = none),
+  and the gradient is dx[r] = sum_j g[inverse[r, j]].
+
+  Args:
+    x: [R, ...] rows.
+    index: [N] int32 in [-1, R).
+    inverse: [R, m] int32 in [-1, N), consistent with `index`.
+
+  Returns:
+    [N, ...] in x.dtype.
+  """
+  return _gather(x, index)
+
+
+def _gather(x, index):
+  valid = (index >= 0).reshape(index.shape + (1,) * (x.ndim - 1))
+  return jnp.where(valid, x[jnp.maximum(index, 0)], jnp.zeros((), x.dtype))
+
+
+def _take_rows_fwd(x, index, inverse):
+  return _gather(x, index), (index, inverse)
+
+
+def _take_rows_bwd(res, g):
+  index, inverse = res
+  r, m = inverse.shape
+  dx = _gather(g, inverse.reshape(-1)).reshape((r, m) + g.shape[1:]).sum(axis=1)
+  return dx, None, None
+
+
+take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+
+
+class Slots(NamedTuple):
+  """Placement of N items into n_dest buffers of `capacity` rows.
+
+  slot: [N] int32, position item -> d * capacity + c, or -1 (no destination or dropped).
+  src: [n_dest * capacity] int32, the item in each buffer row, or -1 (empty row).
+  counts: [n_dest] int32, items that asked for each destination (kept or not).
+  """
+
+  slot: jax.Array
+  src: jax.Array
+  counts: jax.Array
+
+
+def assign_slots(dest: jax.Array, n_dest: int, capacity: int) -> Slots:
+  """Packs items into per-destination buffers in item order (first come, first kept).
+
+  Args:
+    dest: [N] int32 destination of each item in [0, n_dest), or -1 for none.
+    n_dest: number of destinations.
+    capacity: rows per destination buffer.
+
+  Returns:
+    `Slots`; an item is dropped when `capacity` earlier items chose its destination.
+  """
+  n = dest.shape[0]
+  key = jnp.where(dest >= 0, dest, n_dest).astype(jnp.int32)
+  order = jnp.argsort(key, stable=True).astype(jnp.int32)
+  sorted_key = key[order]
+  bounds = jnp.searchsorted(sorted_key, jnp.arange(n_dest + 1, dtype=jnp.int32), side="left")
+  starts, counts = bounds[:-1], bounds[1:] - bounds[:-1]
+  rank_sorted = jnp.arange(n, dtype=jnp.int32) - bounds[sorted_key]
+  rank = jnp.zeros((n,), jnp.int32).at[order].set(rank_sorted, unique_indices=True)
+  slot = jnp.where((dest >= 0) & (rank < capacity), key * capacity + rank, -1)
+  c = jnp.arange(capacity, dtype=jnp.int32)
+  src = jnp.where(c[None, :] < counts[:, None],
+                  order[jnp.minimum(starts[:, None] + c[None, :], n - 1)], -1)
+  return Slots(slot.astype(jnp.int32), src.reshape(-1).astype(jnp.int32),
+               counts.astype(jnp.int32))
+
+
+# ------------------------------------------------------------------------ experts
+
+
+def expert_ffn(h: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
+  """SwiGLU experts on their buffers: down(silu(h @ gate) * (h @ up)).
+
+  Args:
+    h: [E_l, N, D] rows per local expert.
+    w_gate, w_up: [E_l, D, F]; w_down: [E_l, F, D].
+
+  Returns:
+    [E_l, N, D] in h.dtype.
+  """
+  dt = h.dtype
+  g = jnp.einsum("end,edf->enf", h, w_gate.astype(dt))
+  u = jnp.einsum("end,edf->enf", h, w_up.astype(dt))
+  return jnp.einsum("enf,efd->end", jax.nn.silu(g) * u, w_down.astype(dt))
+
+
+# ------------------------------------------------------------------------ statistics
+
+
+class DispatchStats(NamedTuple):
+  """What one MoE layer's dispatch did, summed over the expert-parallel group (one step).
+
+  expert_counts: [E] float32, routed (token, expert) assignments per expert, padding excluded
+    (the load used by the auxiliary-loss-free bias update).
+  dropped: [] float32, assignments not computed because a buffer was full.
+  needed_capacity: [hops] int32, the largest buffer fill any device asked for, per hop.
+  rows_inter_node, rows_intra_node: [] float32, token rows crossing the inter-node (IB) and
+    intra-node (NVLink) fabric in dispatch (combine moves the same rows back).
+  buffer_rows_inter_node, buffer_rows_intra_node: [] float32, rows of the padded buffers sent
+    over each link class (what a padded all_to_all actually moves).
+  """
+
+  expert_counts: jax.Array
+  dropped: jax.Array
+  needed_capacity: jax.Array
+  rows_inter_node: jax.Array
+  rows_intra_node: jax.Array
+  buffer_rows_inter_node: jax.Array
+  buffer_rows_intra_node: jax.Array
+
+
+def _round_capacity(x: float, worst: int) -> int:
+  return int(min(worst, max(8, 8 * math.ceil(x / 8))))
+
+
+# ------------------------------------------------------------------------ schedules
+
+
+@dataclasses.dataclass(frozen=True)
+class FlatSchedule:
+  """One all_to_all over (node, gpu); a (token, expert) pair is one copy (GShard-style).
+
+  A token whose k experts sit on one remote node crosses the inter-node fabric k times.
+  Capacity: one number, rows per (source device, expert).
+  """
+
+  name = "flat"
+  hops = 1
+
+  def worst_case_capacity(self, tokens: int, n_experts: int, top_k: int,
+                          topo: EPTopology, max_nodes: int) -> tuple[int, ...]:
+    del n_experts, top_k, topo, max_nodes
+    return (tokens,)  # an expert is chosen at most once per token
+
+  def initial_capacity(self, tokens: int, n_experts: int, top_k: int, topo: EPTopology,
+                       max_nodes: int, factor: float) -> tuple[int, ...]:
+    worst = self.worst_case_capacity(tokens, n_experts, top_k, topo, max_nodes)[0]
+    return (_round_capacity(factor * tokens * top_k / n_experts, worst),)
+
+  def __call__(self, x, topk_idx, topk_weight, valid, w_gate, w_up, w_down, *,
+               capacity: tuple[int, ...], topo: EPTopology, n_experts: int):
+    """Dispatch, expert FFN and combine for one device's tokens.
+
+    Args:
+      x: [T, D] local tokens (compute dtype).
+      topk_idx: [T, k] int32 global expert ids; topk_weight: [T, k] float32 gate values.
+      valid: [T] bool, False for padding (not dispatched, not counted).
+      w_gate, w_up: [E_l, D, F]; w_down: [E_l, F, D] this device's experts.
+      capacity: (C,) rows per (source device, expert).
+
+    Returns:
+      y: [T, D] routed-expert output (zero for padding); stats: `DispatchStats`.
+    """
+    (cap,) = capacity
+    t, d = x.shape
+    k = topk_idx.shape[1]
+    n_dev = topo.n_devices
+    e_local = w_gate.shape[0]
+    dest = jnp.where(valid[:, None], topk_idx, -1).reshape(-1)
+    s = assign_slots(dest, n_experts, cap)
+
+    send = take_rows(x, jnp.where(s.src >= 0, s.src // k, -1), s.slot.reshape(t, k))
+    recv = _all_to_all(send.reshape(n_dev, e_local * cap, d), topo.axes, n_dev)
+    h = recv.reshape(n_dev, e_local, cap, d).swapaxes(0, 1).reshape(e_local, n_dev * cap, d)
+    out = expert_ffn(h, w_gate, w_up, w_down)
+    back = out.reshape(e_local, n_dev, cap, d).swapaxes(0, 1).reshape(n_dev, e_local * cap, d)
+    ret = _all_to_all(back, topo.axes, n_dev).reshape(n_experts * cap, d)
+    per_pair = take_rows(ret, s.slot, s.src[:, None]).reshape(t, k, d)
+    y = jnp.einsum("tkd,tk->td", per_pair, topk_weight.astype(per_pair.dtype))
+
+    kept = s.slot >= 0
+    dest_dev = jnp.maximum(dest, 0) // e_local
+    me = topo.my_node() * topo.gpus_per_node + topo.my_gpu()
+    same_node = dest_dev // topo.gpus_per_node == topo.my_node()
+    inter = jnp.sum(kept & ~same_node)
+    intra = jnp.sum(kept & same_node & (dest_dev != me))
+    buf = e_local * cap
+    stats = DispatchStats(
+        expert_counts=_psum(s.counts.astype(jnp.float32), topo),
+        dropped=_psum(jnp.sum((dest >= 0) & ~kept).astype(jnp.float32), topo),
+        needed_capacity=_pmax(jnp.max(s.counts), topo)[None],
+        rows_inter_node=_psum(inter.astype(jnp.float32), topo),
+        rows_intra_node=_psum(intra.astype(jnp.float32), topo),
+        buffer_rows_inter_node=jnp.float32(n_dev * (n_dev - topo.gpus_per_node) * buf),
+        buffer_rows_intra_node=jnp.float32(n_dev * (topo.gpus_per_node - 1) * buf),
+    )
+    return y, stats
+
+
+@dataclasses.dataclass(frozen=True)
+class TwoHopSchedule:
+  """Node-aware two-hop dispatch (report §3.2.2).
+
+  Hop 1: all_to_all over `node`, one copy per (token, destination node), landing on the GPU
+  with the sender's in-node index; the copy carries the token's expert ids and gate values.
+  Hop 2: all_to_all over `gpu`, one copy per (row, expert on this node). Combine reverses it:
+  the gate-weighted sum of a token's experts on one node is formed on that node, so each token
+  crosses the inter-node fabric once per destination node in each direction.
+  Capacity: (C1 rows per (source device, node), C2 rows per (hop-1 receiver, expert)).
+  """
+
+  name = "two_hop"
+  hops = 2
+
+  def worst_case_capacity(self, tokens: int, n_experts: int, top_k: int,
+                          topo: EPTopology, max_nodes: int) -> tuple[int, ...]:
+    del n_experts, top_k, max_nodes
+    return (tokens, topo.n_nodes * tokens)
+
+  def initial_capacity(self, tokens: int, n_experts: int, top_k: int, topo: EPTopology,
+                       max_nodes: int, factor: float) -> tuple[int, ...]:
+    w1, w2 = self.worst_case_capacity(tokens, n_experts, top_k, topo, max_nodes)
+    nodes_per_token = min(top_k, max_nodes, topo.n_nodes)
+    c1 = _round_capacity(factor * tokens * nodes_per_token / topo.n_nodes, w1)
+    c2 = _round_capacity(factor * topo.n_nodes * tokens * top_k / n_experts, w2)
+    return (c1, c2)
+
+  def __call__(self, x, topk_idx, topk_weight, valid, w_gate, w_up, w_down, *,
+               capacity: tuple[int, ...], topo: EPTopology, n_experts: int):
+    """Same contract as `FlatSchedule.__call__`; capacity is (C1, C2)."""
+    c1, c2 = capacity
+    t, d = x.shape
+    k = topk_idx.shape[1]
+    e_local = w_gate.shape[0]
+    e_node = e_local * topo.gpus_per_node  # experts per node
+    my_node, my_gpu = topo.my_node(), topo.my_gpu()
+    idx = jnp.where(valid[:, None], topk_idx, -1)
+
+    # Hop 1: one copy per (token, destination node).
+    node = jnp.where(idx >= 0, idx // e_node, -1)
+    earlier = jnp.tril(jnp.ones((k, k), jnp.bool_), -1)  # earlier[j, i]: i < j
+    repeated = jnp.any((node[:, :, None] == node[:, None, :]) & earlier[None], axis=-1)
+    dest1 = jnp.where(repeated, -1, node).reshape(-1)
+    s1 = assign_slots(dest1, topo.n_nodes, c1)
+    row1 = jnp.where(s1.src >= 0, s1.src // k, -1)
+    inv1 = s1.slot.reshape(t, k)
+    send_x = take_rows(x, row1, inv1)
+    send_w = take_rows(topk_weight, row1, inv1)
+    send_i = jnp.where((row1 >= 0)[:, None], idx[jnp.maximum(row1, 0)], -1)
+    a2a = lambda v: _all_to_all(v.reshape((topo.n_nodes, c1) + v.shape[1:]), topo.node_axis,
+                                topo.n_nodes).reshape(v.shape)
+    rx, rw, ri = a2a(send_x), a2a(send_w), a2a(send_i)  # [R2 = n_nodes * C1, ...]
+    r2 = rx.shape[0]
+
+    # Hop 2: one copy per (row, expert on this node), over the intra-node fabric.
+    on_node = (ri >= 0) & (ri // e_node == my_node)
+    dest2 = jnp.where(on_node, ri % e_node, -1).reshape(-1)
+    s2 = assign_slots(dest2, e_node, c2)
+    send2 = take_rows(rx, jnp.where(s2.src >= 0, s2.src // k, -1), s2.slot.reshape(r2, k))
+    g = topo.gpus_per_node
+    recv2 = _all_to_all(send2.reshape(g, e_local * c2, d), topo.gpu_axis, g)
+    h = recv2.reshape(g, e_local, c2, d).swapaxes(0, 1).reshape(e_local, g * c2, d)
+    out = expert_ffn(h, w_gate, w_up, w_down)
+    back = out.reshape(e_local, g, c2, d).swapaxes(0, 1).reshape(g, e_local * c2, d)
+    ret2 = _all_to_all(back, topo.gpu_axis, g).reshape(e_node * c2, d)
+    per_pair = take_rows(ret2, s2.slot, s2.src[:, None]).reshape(r2, k, d)
+    node_sum = jnp.einsum("rkd,rk->rd", per_pair, rw.astype(per_pair.dtype))  # in-node reduce
+
+    # Reverse hop 1: one row per (token, node) back over the inter-node fabric.
+    ret1 = _all_to_all(node_sum.reshape(topo.n_nodes, c1, d), topo.node_axis,
+                       topo.n_nodes).reshape(topo.n_nodes * c1, d)
+    y = take_rows(ret1, s1.slot, s1.src[:, None]).reshape(t, k, d).sum(axis=1)
+
+    kept1 = s1.slot >= 0
+    kept2 = s2.slot >= 0
+    counts = jnp.zeros((n_experts,), jnp.float32).at[jnp.where(idx >= 0, idx, n_experts)].add(
+        1.0, mode="drop")
+    dest2_gpu = jnp.maximum(dest2, 0) // e_local
+    stats = DispatchStats(
+        expert_counts=_psum(counts, topo),
+        dropped=_psum(jnp.sum(idx >= 0).astype(jnp.float32) -
+                      jnp.sum(kept2).astype(jnp.float32), topo),
+        needed_capacity=jnp.stack([_pmax(jnp.max(s1.counts), topo),
+                                   _pmax(jnp.max(s2.counts), topo)]),
+        rows_inter_node=_psum(jnp.sum(kept1 & (dest1 != my_node)).astype(jnp.float32), topo),
+        rows_intra_node=_psum(jnp.sum(kept2 & (dest2_gpu != my_gpu)).astype(jnp.float32), topo),
+        buffer_rows_inter_node=jnp.float32(topo.n_devices * (topo.n_nodes - 1) * c1),
+        buffer_rows_intra_node=jnp.float32(topo.n_devices * (g - 1) * e_local * c2),
+    )
+    return y, stats
+
+
+SCHEDULES = {"flat": FlatSchedule(), "two_hop": TwoHopSchedule()}
+
+
+def get_schedule(name: str):
+  """The schedule object for `name` in SCHEDULES.
+
+  Raises:
+    ValueError: unknown name (lists the allowed ones).
+  """
+  try:
+    return SCHEDULES[name]
+  except KeyError:
+    raise ValueError(f"model.dispatch={name!r}; allowed: {tuple(SCHEDULES)}") from None
+
+
+def moe_dense_reference(x, topk_idx, topk_weight, w_gate, w_up, w_down):
+  """Every expert on every token, masked by the routing: the single-device ground truth.
+
+  Args:
+    x: [T, D]; topk_idx: [T, k] int32; topk_weight: [T, k] float32;
+    w_gate, w_up: [E, D, F]; w_down: [E, F, D] (all experts).
+
+  Returns:
+    [T, D] = sum_j topk_weight[t, j] * FFN_{topk_idx[t, j]}(x[t]).
+  """
+  n_experts = w_gate.shape[0]
+  all_out = expert_ffn(jnp.broadcast_to(x[None], (n_experts,) + x.shape), w_gate, w_up, w_down)
+  combine = jnp.sum(jax.nn.one_hot(topk_idx, n_experts, dtype=jnp.float32) *
+                    topk_weight[..., None], axis=1)  # [T, E]
+  return jnp.einsum("etd,te->td", all_out, combine.astype(all_out.dtype))

@@ -1,0 +1,94 @@
+"""The emulated cluster: a device mesh with an inter-node (`node`) and an intra-node (`gpu`) axis.
+
+On a CPU, N devices are emulated with `XLA_FLAGS=--xla_force_host_platform_device_count=N`,
+which must be set before jax is imported: entry points call `set_host_device_count` first.
+The same code runs on real accelerators (and several hosts with `jax.distributed`): only the
+device count changes, never the program.
+
+Sharding notation (scaling book): x[B_{node,gpu}, S, D] is a batch sharded over node x gpu;
+W[E_{node,gpu}, D, F] are routed experts sharded the same way; everything else is replicated.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+NODE_AXIS = "node"
+GPU_AXIS = "gpu"
+MESH_AXES = (NODE_AXIS, GPU_AXIS)
+_FLAG = "--xla_force_host_platform_device_count"
+
+
+def set_host_device_count(n: int) -> None:
+  """Makes the CPU backend expose `n` devices; must run before jax is imported.
+
+  Raises:
+    ValueError: n < 1.
+    RuntimeError: jax is already imported with a different device count (the emulated mesh
+      cannot change inside a running process; restart it or run in a subprocess).
+  """
+  if not isinstance(n, int) or n < 1:
+    raise ValueError(f"device count must be a positive integer, got {n!r}")
+  flags = re.sub(rf"{_FLAG}=\d+", "", os.environ.get("XLA_FLAGS", "")).strip()
+  os.environ["XLA_FLAGS"] = f"{flags} {_FLAG}={n}".strip()
+  if "jax" in sys.modules:
+    import jax
+    have = jax.device_count()
+    if have != n and jax.default_backend() == "cpu":
+      raise RuntimeError(
+          f"jax was imported before the device count was set: it has {have} device(s), the "
+          f"mesh needs {n}. Set XLA_FLAGS={_FLAG}={n} before importing jax (restart the "
+          "runtime) or run in a fresh process.")
+
+
+def make_mesh(nodes: int, gpus_per_node: int, devices=None):
+  """A `jax.sharding.Mesh` of shape (nodes, gpus_per_node) with axes ('node', 'gpu').
+
+  Device d = node * gpus_per_node + gpu, so consecutive devices share a node.
+
+  Args:
+    nodes: number of nodes (mesh.nodes), >= 1.
+    gpus_per_node: devices per node (mesh.gpus_per_node), >= 1.
+    devices: optional explicit device list (default: the first nodes * gpus_per_node devices).
+
+  Raises:
+    ValueError: a non-positive size, or fewer devices than the mesh needs (the message says
+      how to set the emulated device count).
+  """
+  import jax
+  import numpy as np
+
+  for name, v in (("mesh.nodes", nodes), ("mesh.gpus_per_node", gpus_per_node)):
+    if not isinstance(v, int) or v < 1:
+      raise ValueError(f"{name} must be a positive integer, got {v!r}")
+  n = nodes * gpus_per_node
+  devices = list(jax.devices() if devices is None else devices)
+  if len(devices) < n:
+    raise ValueError(
+        f"mesh.nodes x mesh.gpus_per_node = {nodes} x {gpus_per_node} = {n} devices, but jax "
+        f"has {len(devices)}; set XLA_FLAGS={_FLAG}={n} before importing jax")
+  grid = np.array(devices[:n], dtype=object).reshape(nodes, gpus_per_node)
+  return jax.sharding.Mesh(grid, MESH_AXES)
+
+
+def shard_model(model, mesh) -> None:
+  """Places every variable of an nnx model on `mesh` per its `sharding_names` metadata
+  (routed experts over ('node', 'gpu'), everything else replicated), in place."""
+  import jax
+  from flax import nnx
+
+  state = nnx.state(model)
+  specs = nnx.get_partition_spec(state)
+  shardings = jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s), specs)
+  nnx.update(model, jax.device_put(state, shardings))
+
+
+def state_shardings(state, mesh):
+  """NamedShardings for an nnx State (or any pytree with partition metadata) on `mesh`."""
+  import jax
+  from flax import nnx
+
+  return jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s),
+                      nnx.get_partition_spec(state))
