@@ -28,7 +28,12 @@ class Linear(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [..., in_features] -> [..., out_features] in `dtype`."""
-    return jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    # Flattened to 2-D: XLA:CPU runs the weight gradient of a 3-D dot (two contracted dims)
+    # ~2.5x slower than the same product written as one [tokens, in] x [in, out] matmul.
+    lead = x.shape[:-1]
+    y = jnp.dot(x.reshape(-1, self.in_features).astype(self.dtype),
+                self.kernel[...].astype(self.dtype))
+    return y.reshape(lead + (self.out_features,))
 
 
 class MLP(nnx.Module):

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dsv3_jax.model.attention import dot_product_attention
 from dsv3_jax.model.config import ModelConfig
 from dsv3_jax.model.layers import Linear
 from dsv3_jax.model.norms import RMSNorm
@@ -45,14 +46,12 @@ class MultiHeadLatentAttention(nnx.Module):
     self.o_proj = Linear(h * c.v_head_dim, c.hidden_size, **kw)
     self.scale = softmax_scale(c)
 
-  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
-               segment_ids: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """Causal self-attention.
 
     Args:
       x: [batch, seq, hidden].
       cos, sin: [seq, qk_rope_head_dim // 2] float32 rotary tables (`rope.rope_cos_sin`).
-      segment_ids: optional [batch, seq] int; tokens attend only within their segment.
 
     Returns:
       [batch, seq, hidden] in the compute dtype.
@@ -76,13 +75,12 @@ class MultiHeadLatentAttention(nnx.Module):
     q_rope = apply_rope(q_rope, cos, sin, interleave=c.rope_interleave)
     k_rope = apply_rope(k_rope[:, :, None, :], cos, sin, interleave=c.rope_interleave)[:, :, 0]
 
-    # Scores = q_nope.k_nope (per head) + q_rope.k_rope (one rope key shared by all heads).
-    scores = (jnp.einsum("bqhd,bkhd->bhqk", q_nope, k_nope) +
-              jnp.einsum("bqhd,bkd->bhqk", q_rope, k_rope)).astype(jnp.float32) * self.scale
-    mask = jnp.tril(jnp.ones((s, s), jnp.bool_))
-    if segment_ids is not None:
-      mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, s, h * c.v_head_dim)
+    # Keys: per-head k_nope next to the one rope key shared by all heads (report eq. 5).
+    q = jnp.concatenate([q_nope, q_rope], axis=-1)
+    k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None, :], (b, s, h,
+                                                                         c.qk_rope_head_dim))],
+                        axis=-1)
+    heads_first = lambda t: t.transpose(0, 2, 1, 3).reshape(b * h, s, t.shape[-1])
+    out = dot_product_attention(heads_first(q), heads_first(k), heads_first(v), scale=self.scale)
+    out = out.reshape(b, h, s, c.v_head_dim).transpose(0, 2, 1, 3).reshape(b, s, h * c.v_head_dim)
     return self.o_proj(out)

@@ -39,9 +39,9 @@ class DecoderLayer(nnx.Module):
       self.mlp = MLP(c.hidden_size, c.intermediate_size, dtype=jnp.dtype(c.dtype),
                      init_std=c.initializer_range, rngs=rngs)
 
-  def __call__(self, h, cos, sin, *, mask=None, segment_ids=None, capacity=None):
+  def __call__(self, h, cos, sin, *, mask=None, capacity=None):
     """h: [B, S, D] -> ([B, S, D], MoEStats or None)."""
-    h = h + self.self_attn(self.input_layernorm(h), cos, sin, segment_ids)
+    h = h + self.self_attn(self.input_layernorm(h), cos, sin)
     x = self.post_attention_layernorm(h)
     if self.is_moe:
       y, stats = self.mlp(x, mask, capacity)
@@ -68,13 +68,13 @@ class MultiTokenPrediction(nnx.Module):
     self.block = DecoderLayer(c, layer_idx, mesh=mesh, rngs=rngs)
     self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
 
-  def __call__(self, h_prev, emb_next, cos, sin, *, mask=None, segment_ids=None, capacity=None):
+  def __call__(self, h_prev, emb_next, cos, sin, *, mask=None, capacity=None):
     """h_prev: [B, S, D] previous depth's hidden states; emb_next: [B, S, D] = Emb(t_{i+k}).
 
     Returns (h_k [B, S, D] before the shared norm, normed h_k, MoEStats or None).
     """
     x = self.eh_proj(jnp.concatenate([self.hnorm(h_prev), self.enorm(emb_next)], axis=-1))
-    h, stats = self.block(x, cos, sin, mask=mask, segment_ids=segment_ids, capacity=capacity)
+    h, stats = self.block(x, cos, sin, mask=mask, capacity=capacity)
     return h, self.norm(h), stats
 
 
@@ -137,8 +137,7 @@ class Transformer(nnx.Module):
     return self.forward(input_ids, with_mtp=False).logits
 
   def forward(self, input_ids: jax.Array, *, mtp_tokens: Optional[jax.Array] = None,
-              mask: Optional[jax.Array] = None, segment_ids: Optional[jax.Array] = None,
-              capacity: Optional[tuple[int, ...]] = None, with_mtp: bool = True,
+              mask: Optional[jax.Array] = None, capacity: Optional[tuple[int, ...]] = None, with_mtp: bool = True,
               output_hidden_states: bool = False) -> ModelOutput:
     """Full forward pass.
 
@@ -148,7 +147,6 @@ class Transformer(nnx.Module):
         Emb(t_{i+d}); defaults to input_ids padded with 0 (those positions are never
         supervised by the trainer).
       mask: [B, S] bool, False for padding (excluded from expert counts and routing).
-      segment_ids: [B, S] int, attention stays within a segment (packed documents).
       capacity: static MoE buffer capacity per hop (None = dropless worst case).
       with_mtp: also run the MTP modules.
       output_hidden_states: also return every layer's output.
@@ -163,7 +161,7 @@ class Transformer(nnx.Module):
     h = self.embed(input_ids)
     hidden = [h] if output_hidden_states else []
     stats = []
-    kw = dict(mask=mask, segment_ids=segment_ids, capacity=capacity)
+    kw = dict(mask=mask, capacity=capacity)
     for layer in self.layers:
       h, st = layer(h, cos, sin, **kw)
       if st is not None:
