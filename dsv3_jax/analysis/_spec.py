@@ -2,9 +2,10 @@
 
 `ModelSpec.from_config` accepts the ConfigDict of a file in `configs/` (with `c.model` and
 `c.model_type`), its `c.model` part, or any mapping with Hugging Face field names. DeepSeek
-configs (`model_type` "deepseek_v2" / "deepseek_v3", or any model with `kv_lora_rank`) are Multi-head
-Latent Attention + DeepSeekMoE models; Llama / Qwen2 configs are dense grouped-query-attention
-(GQA) models. `load_config` imports `configs/<name>.py` without installing anything.
+configs (`model_type` "deepseek_v2" / "deepseek_v3", or any model with `kv_lora_rank`) are
+Multi-head Latent Attention + DeepSeekMoE models; Llama / Qwen2 configs are dense
+grouped-query-attention (GQA) models. `load_config` imports `configs/<name>.py` without installing
+anything.
 
 Nothing here imports jax.
 """

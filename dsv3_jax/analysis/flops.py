@@ -10,9 +10,9 @@ Counting rules (1 multiply-add = 2 FLOPs):
   * Training = forward + backward, with backward = 2 x forward (activation and weight gradients),
     i.e. 3 x the forward FLOPs, the 6N rule plus attention.
 
-With these rules the training cost at sequence length 4096 comes out at 155.0 GFLOPs (DeepSeek-V2),
-249.8 (DeepSeek-V3) and 2473 (LLaMA-3.1-405B), against 155 / 250 / 2448 in Table 2; see
-`results/flops_per_token.md` for the LLaMA and Qwen2.5-72B gaps.
+With these rules the training cost at sequence length 4096 comes out at 155.3 GFLOPs
+(DeepSeek-V2), 250.5 (DeepSeek-V3) and 2473.2 (LLaMA-3.1-405B), against 155 / 250 / 2448 in
+Table 2; see `results/flops_per_token.md` for the LLaMA and Qwen2.5-72B gaps.
 """
 
 from __future__ import annotations

@@ -101,7 +101,7 @@ CX7_400G = Nic("ConnectX-7 400G", gbps_to_bytes_per_s(400))
 IB_SWITCH_NDR = Switch("InfiniBand NDR (Quantum-2, 64 x 400G)", 64, gbps_to_bytes_per_s(400),
                        "infiniband")
 # 51.2 Tb/s Ethernet switch ASICs (Broadcom Tomahawk 5, NVIDIA Spectrum-4) give 128 ports of
-# 400GbE (Insights §5.2.1: RoCE switches have "128 ports of 400 Gbps" against IB's 64).
+# 400GbE (Insights §5.2: RoCE switches offer 128 ports of 400G against IB's 64).
 ROCE_SWITCH_400G = Switch("RoCE 51.2T (128 x 400G)", 128, gbps_to_bytes_per_s(400), "roce")
 IB_SWITCH_RADIX = IB_SWITCH_NDR.radix
 ROCE_SWITCH_RADIX = ROCE_SWITCH_400G.radix
@@ -109,8 +109,8 @@ ROCE_SWITCH_RADIX = ROCE_SWITCH_400G.radix
 # --------------------------------------------------------------------------- GPUs
 # H800 SXM5: the H100 SXM5 compute die (989 TFLOP/s dense BF16, 1979 dense FP8, 80 GB HBM3 at
 # 3.35 TB/s, NVIDIA H100 datasheet) with NVLink cut to 400 GB/s bidirectional = 200 GB/s per
-# direction (Insights §4.1). Achieved NVLink ~160 GB/s (V3 report §3.2.2, Insights §4.3). IB: one
-# CX7 400 Gb/s NIC per GPU = 50 GB/s (V3 report §3.2.2), ~40 GB/s effective (Insights §4.3/§4.5).
+# direction (Insights §4.1). Achieved NVLink ~160 GB/s, 3.2x IB (V3 report §3.2.2). IB: one CX7
+# 400 Gb/s NIC per GPU = 50 GB/s (V3 report §3.2.2), ~40 GB/s effective (Insights §4).
 H800 = Accelerator(
     name="H800 SXM",
     bf16_dense_flops=989 * TFLOPS,
@@ -171,7 +171,7 @@ INTERCONNECTS = {
     "GB200 NVL72 NVLink5 (900 GB/s)": GB200_NVL72.scale_up_bandwidth,
 }
 
-# --------------------------------------------------------------------------- latency (Insights Table 5)
+# ------------------------------------------------------------------ latency (Insights Table 5)
 # CPU-side end-to-end latency of a 64-byte transfer, seconds (Insights §5.2, Table 5). NVLink is
 # intra-node only, so it has no cross-leaf entry.
 LATENCY_64B = {
@@ -182,7 +182,7 @@ LATENCY_64B = {
     ("nvlink", "same_leaf"): 3.33e-6,
 }
 
-# --------------------------------------------------------------------------- local inference devices
+# ------------------------------------------------------------------ local inference devices
 # PC-class AI SoCs with unified memory (Insights §2.2.2: local deployment of MoE models).
 # AMD Ryzen AI Max+ 395: 256-bit LPDDR5X-8000 = 8000e6 * 32 bytes = 256 GB/s, up to 128 GB.
 RYZEN_AI_MAX_395 = MemoryDevice("AMD Ryzen AI Max+ 395 (256 GB/s)", 8000e6 * 256 / 8, 128 * GB)

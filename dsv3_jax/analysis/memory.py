@@ -95,7 +95,11 @@ def kv_elements_per_token_per_layer(kind: str, *, num_heads: int = 0, num_kv_hea
 
 
 def attention_kind(model: ModelSpec) -> str:
-  """"mla", or "mha" / "mqa" / "gqa" from the key/value head count of a GQA model."""
+  """"mla", or "mha" / "mqa" / "gqa" from the key/value head count of a GQA model.
+
+  Args:
+    model: a `ModelSpec`.
+  """
   if model.attention == "mla":
     return "mla"
   if model.num_key_value_heads == model.num_attention_heads:
@@ -245,7 +249,11 @@ def attention_params_per_layer(model: Any) -> int:
 
 
 def expert_params(model: Any) -> int:
-  """Parameters of one routed/shared expert: a SwiGLU MLP of width moe_intermediate_size."""
+  """Parameters of one routed/shared expert: a SwiGLU MLP, 3 * hidden * moe_intermediate_size.
+
+  Raises:
+    ValueError: on invalid configs.
+  """
   s = ModelSpec.from_config(model)
   return 3 * s.hidden_size * s.moe_intermediate_size
 

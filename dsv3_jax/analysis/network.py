@@ -224,7 +224,8 @@ def dragonfly(radix: int, groups: Union[str, int] = "max") -> Topology:
                               ("global_links", global_links)))
 
 
-def table3_topologies(radix: int = hardware.IB_SWITCH_RADIX, planes: int = 8) -> Dict[str, Topology]:
+def table3_topologies(radix: int = hardware.IB_SWITCH_RADIX,
+                      planes: int = 8) -> Dict[str, Topology]:
   """The five columns of Insights Table 3 for one radix (64-port IB switches by default)."""
   return {
       "FT2": fat_tree_2(radix),
@@ -386,7 +387,8 @@ def all_to_all(fabric: str, num_nodes: int, bytes_per_peer: float, gpus_per_node
   capacity = {"nvlink_out": nvlink_bandwidth, "nvlink_in": nvlink_bandwidth,
               "nic_up": nic_bandwidth, "nic_down": nic_bandwidth,
               # a leaf's k/2 uplinks, ECMP-spread, each at the NIC port rate
-              "leaf_up": nodes_per_leaf * nic_bandwidth, "leaf_down": nodes_per_leaf * nic_bandwidth}
+              "leaf_up": nodes_per_leaf * nic_bandwidth,
+              "leaf_down": nodes_per_leaf * nic_bandwidth}
   switch_hop = lambda n_switches: end_to_end_latency(switch_fabric, n_switches)
   nvlink_latency = end_to_end_latency("nvlink", 1)
   worst_latency = 0.0

@@ -450,7 +450,11 @@ def bubble_formula(method: str, pp: int, F: float, B: float, W: float,
 
 
 def memory_formula(method: str, pp: int) -> Tuple[int, int]:
-  """(parameter copies, peak activations in micro-batch-stage units) of V3 report Table 2."""
+  """(parameter copies, peak activations in micro-batch-stage units) of V3 report Table 2.
+
+  Raises:
+    ValueError: for an unknown method.
+  """
   if method not in PIPELINE_METHODS:
     raise ValueError(f"method={method!r}; allowed: {PIPELINE_METHODS}")
   return (2, pp + 1) if method == "DualPipe" else (1, pp)

@@ -33,7 +33,7 @@ cotangent would be FP8 or nothing), so:
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
 from typing import Callable, Optional
 
 import jax
@@ -105,12 +105,14 @@ class _Codec:
     return x + jax.lax.stop_gradient(y - x)
 
   def transport(self, x: jax.Array, comm: Optional[Callable[[jax.Array], jax.Array]] = None,
-                dtype=None, key: Optional[jax.Array] = None) -> jax.Array:
+                dtype=None, key: Optional[jax.Array] = None,
+                grad_dtype=_GRAD_DTYPE) -> jax.Array:
     """decode(comm(encode(x))) with a straight-through, BF16 backward through `comm`.
 
-    Forward: every wire leaf goes through `comm`. Backward: the cotangent is cast to BF16,
-    sent back through the transpose of `comm` (for a tiled all_to_all, the reverse
-    all_to_all), and cast to x.dtype: the quantization is treated as identity.
+    Forward: every wire leaf goes through `comm`. Backward: the cotangent is cast to
+    `grad_dtype` (BF16, as in the report), sent back through the transpose of `comm` (for a
+    tiled all_to_all, the reverse all_to_all), and cast to x.dtype: the quantization is
+    treated as identity.
 
     Args:
       x: [R, D] float rows (inside `shard_map`: this device's rows).
@@ -119,6 +121,7 @@ class _Codec:
         taking [R, ...] to [R', ...]; `None` = no communication.
       dtype: output dtype (default x.dtype).
       key: PRNG key, used only by a stochastic-rounding `LogFmtCodec`.
+      grad_dtype: dtype of the backward communication (float32 for an exact backward).
 
     Returns:
       [R', D] in `dtype`.
@@ -141,8 +144,8 @@ class _Codec:
     def send_bwd(x, g):
       # `comm` is linear, so its VJP does not depend on the primal values; x is passed only
       # for its type (under shard_map it carries the varying manual axes).
-      _, comm_vjp = jax.vjp(comm, x.astype(_GRAD_DTYPE))
-      (gx,) = comm_vjp(g.astype(_GRAD_DTYPE))
+      _, comm_vjp = jax.vjp(comm, x.astype(grad_dtype))
+      (gx,) = comm_vjp(g.astype(grad_dtype))
       return (gx.astype(x.dtype),)
 
     send.defvjp(send_fwd, send_bwd)
@@ -171,6 +174,7 @@ class IdentityCodec(_Codec):
     del key
     return {"x": x.astype(self.wire_dtype)}
 
+  @functools.partial(jax.jit, static_argnames=("self",))
   def encode(self, x: jax.Array) -> dict:
     """x [R, D] float -> {"x": [R, D] in wire_dtype}. Differentiable (gradient in wire dtype).
 
@@ -179,6 +183,7 @@ class IdentityCodec(_Codec):
     """
     return self._encode(_check_rows(x))
 
+  @functools.partial(jax.jit, static_argnames=("self", "dtype", "d"))
   def decode(self, enc: dict, dtype=jnp.float32, d: Optional[int] = None) -> jax.Array:
     """{"x": [R, D]} -> [R, D] in `dtype` (`d`, if given, must equal D).
 
@@ -222,6 +227,7 @@ class Fp8Codec(_Codec):
     # The FP8 bytes travel as uint8: XLA:CPU would otherwise widen a float8 all_to_all to f16.
     return {"q": jax.lax.bitcast_convert_type(q, jnp.uint8), "scale": scale}
 
+  @functools.partial(jax.jit, static_argnames=("self",))
   def encode(self, x: jax.Array) -> dict:
     """x [R, D] float -> {"q": [R, D] uint8 (the FP8 bit patterns), "scale": [R, ceil(D / tile)]
     float32}.
@@ -233,6 +239,7 @@ class Fp8Codec(_Codec):
     """
     return _guard(self._encode(_check_rows(x)))
 
+  @functools.partial(jax.jit, static_argnames=("self", "dtype", "d"))
   def decode(self, enc: dict, dtype=jnp.float32, d: Optional[int] = None) -> jax.Array:
     """{"q", "scale"} -> [R, D] in `dtype` (q * scale per tile; `d`, if given, must equal D).
 
@@ -280,6 +287,7 @@ class LogFmtCodec(_Codec):
                                    key=key)
     return {"codes": pack_bits(enc["codes"], self.bits), "min": enc["min"], "max": enc["max"]}
 
+  @functools.partial(jax.jit, static_argnames=("self",))
   def encode(self, x: jax.Array, key: Optional[jax.Array] = None) -> dict:
     """x [R, D] float -> {"codes": [R, ceil(bits D / 8)] uint8, "min", "max":
     [R, ceil(D / tile)] float32}. Not differentiable (use `transport` or `qdq`).
@@ -289,6 +297,7 @@ class LogFmtCodec(_Codec):
     """
     return _guard(self._encode(_check_rows(x), key))
 
+  @functools.partial(jax.jit, static_argnames=("self", "dtype", "d"))
   def decode(self, enc: dict, dtype=jnp.float32, d: Optional[int] = None) -> jax.Array:
     """{"codes", "min", "max"} -> [R, D] in `dtype`.
 
@@ -325,16 +334,36 @@ class LogFmtCodec(_Codec):
 
 
 def pack_bits(codes: jax.Array, bits: int) -> jax.Array:
-  """Packs unsigned n-bit codes [..., D] into [..., ceil(n D / 8)] uint8, MSB first."""
-  shifts = jnp.arange(bits - 1, -1, -1, dtype=jnp.int32)
-  bit_planes = (codes.astype(jnp.int32)[..., None] >> shifts) & 1  # [..., D, n]
-  flat = bit_planes.reshape(*codes.shape[:-1], codes.shape[-1] * bits).astype(jnp.uint8)
+  """Packs unsigned n-bit codes [..., D] into [..., ceil(n D / 8)] uint8, MSB first.
+
+  The byte stream is the concatenation of the codes' bits, most significant first, zero-padded
+  at the end (the layout of `jnp.packbits`). n = 8 and 16 are plain byte copies.
+
+  Args:
+    codes: [..., D] unsigned integers below 2^bits.
+    bits: n, 1..16.
+  """
+  if bits == 8:
+    return codes.astype(jnp.uint8)
+  c = codes.astype(jnp.uint16)
+  if bits == 16:
+    pairs = jnp.stack([(c >> 8).astype(jnp.uint8), (c & 0xFF).astype(jnp.uint8)], axis=-1)
+    return pairs.reshape(*codes.shape[:-1], 2 * codes.shape[-1])
+  shifts = jnp.arange(bits - 1, -1, -1, dtype=jnp.uint16)
+  planes = ((c[..., None] >> shifts) & 1).astype(jnp.uint8)  # [..., D, n]
+  flat = planes.reshape(*codes.shape[:-1], codes.shape[-1] * bits)
   return jnp.packbits(flat, axis=-1)
 
 
 def unpack_bits(packed: jax.Array, bits: int, d: int) -> jax.Array:
   """Inverse of `pack_bits`: [..., ceil(n d / 8)] uint8 -> [..., d] codes (uint8 / uint16)."""
+  out = logfmt_lib.code_dtype(bits)
+  if bits == 8:
+    return packed[..., :d].astype(out)
+  if bits == 16:
+    pairs = packed[..., :2 * d].reshape(*packed.shape[:-1], d, 2).astype(jnp.uint16)
+    return ((pairs[..., 0] << 8) | pairs[..., 1]).astype(out)
   flat = jnp.unpackbits(packed, axis=-1, count=d * bits)
-  planes = flat.reshape(*packed.shape[:-1], d, bits).astype(jnp.int32)
-  weights = 1 << jnp.arange(bits - 1, -1, -1, dtype=jnp.int32)
-  return jnp.sum(planes * weights, axis=-1).astype(logfmt_lib.code_dtype(bits))
+  planes = flat.reshape(*packed.shape[:-1], d, bits).astype(jnp.uint16)
+  weights = (1 << jnp.arange(bits - 1, -1, -1, dtype=jnp.uint16)).astype(jnp.uint16)
+  return jnp.sum(planes * weights, axis=-1, dtype=jnp.uint16).astype(out)

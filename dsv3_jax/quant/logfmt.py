@@ -34,6 +34,7 @@ the side information.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import jax
@@ -70,6 +71,7 @@ def _step(mn: jax.Array, mx: jax.Array, bits: int) -> jax.Array:
   return (mx - mn) / float(2 ** (bits - 1) - 2)
 
 
+@functools.partial(jax.jit, static_argnames=("bits", "tile", "rounding"))
 def logfmt_encode(x, *, bits: int = 8, tile: int = 128, rounding: str = "nearest",
                   key: Optional[jax.Array] = None) -> dict:
   """Encodes x in LogFMT-nBit, per 1 x `tile` tile of the last axis (arXiv 2505.09343 §3.2).
@@ -138,6 +140,7 @@ def logfmt_encode(x, *, bits: int = 8, tile: int = 128, rounding: str = "nearest
   return {"codes": codes, "min": mn, "max": mx}
 
 
+@functools.partial(jax.jit, static_argnames=("bits", "tile", "dtype"))
 def logfmt_decode(enc: dict, *, bits: int = 8, tile: int = 128, dtype=jnp.float32) -> jax.Array:
   """Decodes `logfmt_encode`'s output: sign * exp2(min + step * (k - 1)), 0 for k = 0.
 
@@ -176,6 +179,7 @@ def logfmt_decode(enc: dict, *, bits: int = 8, tile: int = 128, dtype=jnp.float3
   return x.reshape(*lead, nt * tile)[..., :k].astype(dtype)
 
 
+@functools.partial(jax.jit, static_argnames=("bits", "tile", "rounding"))
 def logfmt_qdq(x, bits: int = 8, tile: int = 128, *, rounding: str = "nearest",
                key: Optional[jax.Array] = None) -> jax.Array:
   """Encode-decode round trip; [..., K] in, [..., K] out in x.dtype (see `logfmt_encode`).
