@@ -362,6 +362,11 @@ def train(cfg, *, progress: bool = True, log: Callable[[str], None] = print) -> 
   optimizer = make_optimizer(t)
   opt_state = optimizer.init(params)
   if mesh is not None:
+    # Moments inherit the parameters' shardings; scalars (the step count) are replicated.
+    replicated = NamedSharding(mesh, P())
+    opt_state = jax.tree.map(
+        lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated),
+        opt_state)
     sh = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
     p_sh, o_sh, opt_sh = sh(params), sh(other), sh(opt_state)
     batch_sharding = NamedSharding(mesh, P(("node", "gpu")))
