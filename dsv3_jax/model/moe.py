@@ -21,6 +21,12 @@ from dsv3_jax.model.layers import MLP, normal_init
 from dsv3_jax.parallel import dispatch as dispatch_lib
 
 
+def _inside_shard_map(axes) -> bool:
+  """True when tracing inside a shard_map that made `axes` manual (per-device code)."""
+  manual = jax.sharding.get_abstract_mesh().manual_axes
+  return all(a in manual for a in axes)
+
+
 class RouterBias(nnx.Variable):
   """The auxiliary-loss-free balancing bias b_i (report eq. 16): float32, not trained by the
   optimizer, moved by +-gamma after each step from the expert loads (`train.trainer`)."""
@@ -139,7 +145,7 @@ class RoutedExperts(nnx.Module):
     c = config
     init = normal_init(c.initializer_range)
     e, d, f = c.n_routed_experts, c.hidden_size, c.moe_intermediate_size
-    meta = dict(sharding_names=(expert_axes, None, None), eager_sharding=False) if expert_axes \
+    meta = dict(out_sharding=(expert_axes, None, None), eager_sharding=False) if expert_axes \
         else {}
     self.gate_proj = nnx.Param(init(rngs.params(), (e, d, f), jnp.float32), **meta)
     self.up_proj = nnx.Param(init(rngs.params(), (e, d, f), jnp.float32), **meta)
@@ -150,8 +156,9 @@ class DeepSeekMoE(nnx.Module):
   """h' = h + sum_shared FFN_s(h) + sum_i g_{i,t} FFN_i(h) (report eq. 12).
 
   With `mesh` set, routed experts are sharded over the mesh's (`node`, `gpu`) axes and tokens
-  move by the configured dispatch schedule inside `jax.shard_map`; without a mesh the same
-  schedule runs locally (all experts on one device).
+  move by the configured dispatch schedule inside `jax.shard_map` (or directly, when the caller
+  already runs per device inside a shard_map over those axes, as the trainer does); without a
+  mesh the same schedule runs locally (all experts on one device).
   """
 
   def __init__(self, config: ModelConfig, *, mesh: Optional[Mesh] = None, rngs: nnx.Rngs):
@@ -221,8 +228,8 @@ class DeepSeekMoE(nnx.Module):
                                       n_experts=c.n_routed_experts)
     args = (tokens, routing.topk_idx, routing.topk_weight, mask.reshape(-1),
             self.experts.gate_proj[...], self.experts.up_proj[...], self.experts.down_proj[...])
-    if self.mesh is None:
-      y, stats = run(*args)
+    if self.mesh is None or _inside_shard_map(self.topology.axes):
+      y, stats = run(*args)  # local, or already per-device inside the caller's shard_map
     else:
       tok = P(self.topology.axes)
       stat_specs = dispatch_lib.DispatchStats(*([P()] * len(dispatch_lib.DispatchStats._fields)))

@@ -10,10 +10,14 @@ Everything here runs per device, inside `jax.shard_map` over a mesh with a `node
 as plain local code and every collective is skipped, which is the single-device path.
 
 Shapes are static. Each hop packs rows into per-destination buffers of a fixed `capacity`
-(rows per source device and destination); rows beyond it are dropped and counted. With a
-capacity equal to `worst_case_capacity` nothing can be dropped. Schedules report the capacity
-each hop would have needed, so a caller can grow it and re-run (the trainer's dropless mode).
-`jax.lax.ragged_all_to_all` does not compile on XLA:CPU, so the padded all_to_all is the CPU path.
+(rows per source device and destination device or node); rows beyond it are dropped and
+counted. With a capacity equal to `worst_case_capacity` nothing can be dropped. Schedules report
+the capacity each hop would have needed, so a caller can grow it and re-run (the trainer's
+dropless mode). `jax.lax.ragged_all_to_all` does not compile on XLA:CPU, so the padded
+all_to_all is the CPU path. Rows travel with their local expert id; the receiving device sorts
+the valid ones by expert and runs `grouped_ffn.grouped_swiglu`, so the expert computation costs
+the rows actually routed there, not the padded buffer (and is dropless for any load on one
+device).
 
 Notation (scaling-book style): x[T, D] are a device's local tokens; E experts, E_l = E / n_dev
 per device; expert e lives on device e // E_l = node * gpus_per_node + gpu.
@@ -27,6 +31,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from dsv3_jax.model.grouped_ffn import grouped_swiglu
 
 # --------------------------------------------------------------------------------- topology
 
@@ -182,6 +188,37 @@ def expert_ffn(h: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Arr
   return jnp.einsum("enf,efd->end", jax.nn.silu(g) * u, w_down.astype(dt))
 
 
+def expert_compute(rows: jax.Array, expert: jax.Array, w_gate: jax.Array, w_up: jax.Array,
+                   w_down: jax.Array, *, window: int = 128) -> jax.Array:
+  """Applies each row's local expert, at the cost of the valid rows only.
+
+  Rows are stably sorted by expert (invalid rows last), run through `grouped_swiglu`, and put
+  back in their original order.
+
+  Args:
+    rows: [N, D] (compute dtype).
+    expert: [N] int32 local expert id in [0, E_l), or -1 for an empty buffer row.
+    w_gate, w_up: [E_l, D, F]; w_down: [E_l, F, D].
+    window: rows per matmul in the grouped kernel.
+
+  Returns:
+    [N, D]: FFN_{expert[r]}(rows[r]), zero where expert[r] < 0.
+  """
+  n = rows.shape[0]
+  e_local = w_gate.shape[0]
+  key = jnp.where(expert >= 0, expert, e_local).astype(jnp.int32)
+  order = jnp.argsort(key, stable=True).astype(jnp.int32)
+  position = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32),
+                                                       unique_indices=True)
+  bounds = jnp.searchsorted(key[order], jnp.arange(e_local + 1, dtype=jnp.int32), side="left")
+  seg_start, seg_len = bounds[:-1], bounds[1:] - bounds[:-1]
+  sorted_rows = take_rows(rows, order, position[:, None])
+  out = grouped_swiglu(sorted_rows, seg_start.astype(jnp.int32), seg_len.astype(jnp.int32),
+                       jnp.arange(e_local, dtype=jnp.int32), w_gate, w_up, w_down, window)
+  out = take_rows(out, position, order[:, None])
+  return jnp.where((expert >= 0)[:, None], out, jnp.zeros((), out.dtype))
+
+
 # ------------------------------------------------------------------------ statistics
 
 
@@ -214,12 +251,32 @@ def _round_capacity(x: float, worst: int) -> int:
 # ------------------------------------------------------------------------ schedules
 
 
+def _local_moe(x, idx, weight, w_gate, w_up, w_down, n_experts, hops):
+  """All experts on this device: every (token, expert) pair is computed (dropless)."""
+  t, d = x.shape
+  k = idx.shape[1]
+  flat = idx.reshape(-1)
+  out = expert_compute(jnp.repeat(x, k, axis=0), flat, w_gate, w_up, w_down)
+  y = jnp.einsum("tkd,tk->td", out.reshape(t, k, d), weight.astype(out.dtype))
+  zero = jnp.float32(0.0)
+  stats = DispatchStats(
+      expert_counts=_bincount(flat, n_experts), dropped=zero,
+      needed_capacity=jnp.zeros((hops,), jnp.int32), rows_inter_node=zero, rows_intra_node=zero,
+      buffer_rows_inter_node=zero, buffer_rows_intra_node=zero)
+  return y, stats
+
+
+def _bincount(ids: jax.Array, n: int) -> jax.Array:
+  """[n] float32 counts of ids in [0, n); negative ids are ignored."""
+  return jnp.bincount(jnp.where(ids >= 0, ids, n), length=n + 1)[:n].astype(jnp.float32)
+
+
 @dataclasses.dataclass(frozen=True)
 class FlatSchedule:
   """One all_to_all over (node, gpu); a (token, expert) pair is one copy (GShard-style).
 
   A token whose k experts sit on one remote node crosses the inter-node fabric k times.
-  Capacity: one number, rows per (source device, expert).
+  Capacity: (C,), rows per (source device, destination device).
   """
 
   name = "flat"
@@ -227,13 +284,13 @@ class FlatSchedule:
 
   def worst_case_capacity(self, tokens: int, n_experts: int, top_k: int,
                           topo: EPTopology, max_nodes: int) -> tuple[int, ...]:
-    del n_experts, top_k, topo, max_nodes
-    return (tokens,)  # an expert is chosen at most once per token
+    del max_nodes
+    return (tokens * min(top_k, topo.experts_per_device(n_experts)),)
 
   def initial_capacity(self, tokens: int, n_experts: int, top_k: int, topo: EPTopology,
                        max_nodes: int, factor: float) -> tuple[int, ...]:
     worst = self.worst_case_capacity(tokens, n_experts, top_k, topo, max_nodes)[0]
-    return (_round_capacity(factor * tokens * top_k / n_experts, worst),)
+    return (_round_capacity(factor * tokens * top_k / topo.n_devices, worst),)
 
   def __call__(self, x, topk_idx, topk_weight, valid, w_gate, w_up, w_down, *,
                capacity: tuple[int, ...], topo: EPTopology, n_experts: int):
@@ -244,43 +301,44 @@ class FlatSchedule:
       topk_idx: [T, k] int32 global expert ids; topk_weight: [T, k] float32 gate values.
       valid: [T] bool, False for padding (not dispatched, not counted).
       w_gate, w_up: [E_l, D, F]; w_down: [E_l, F, D] this device's experts.
-      capacity: (C,) rows per (source device, expert).
+      capacity: (C,) rows per (source device, destination device); unused on one device.
 
     Returns:
       y: [T, D] routed-expert output (zero for padding); stats: `DispatchStats`.
     """
+    idx = jnp.where(valid[:, None], topk_idx, -1)
+    if topo.n_devices == 1:
+      return _local_moe(x, idx, topk_weight, w_gate, w_up, w_down, n_experts, self.hops)
     (cap,) = capacity
     t, d = x.shape
-    k = topk_idx.shape[1]
+    k = idx.shape[1]
     n_dev = topo.n_devices
     e_local = w_gate.shape[0]
-    dest = jnp.where(valid[:, None], topk_idx, -1).reshape(-1)
-    s = assign_slots(dest, n_experts, cap)
+    flat = idx.reshape(-1)
+    dest = jnp.where(flat >= 0, flat // e_local, -1)
+    s = assign_slots(dest, n_dev, cap)
 
     send = take_rows(x, jnp.where(s.src >= 0, s.src // k, -1), s.slot.reshape(t, k))
-    recv = _all_to_all(send.reshape(n_dev, e_local * cap, d), topo.axes, n_dev)
-    h = recv.reshape(n_dev, e_local, cap, d).swapaxes(0, 1).reshape(e_local, n_dev * cap, d)
-    out = expert_ffn(h, w_gate, w_up, w_down)
-    back = out.reshape(e_local, n_dev, cap, d).swapaxes(0, 1).reshape(n_dev, e_local * cap, d)
-    ret = _all_to_all(back, topo.axes, n_dev).reshape(n_experts * cap, d)
-    per_pair = take_rows(ret, s.slot, s.src[:, None]).reshape(t, k, d)
+    send_e = jnp.where(s.src >= 0, flat[jnp.maximum(s.src, 0)] % e_local, -1)
+    a2a = lambda v: _all_to_all(v.reshape((n_dev, cap) + v.shape[1:]), topo.axes,
+                                n_dev).reshape(v.shape)
+    out = expert_compute(a2a(send), a2a(send_e), w_gate, w_up, w_down)
+    per_pair = take_rows(a2a(out), s.slot, s.src[:, None]).reshape(t, k, d)
     y = jnp.einsum("tkd,tk->td", per_pair, topk_weight.astype(per_pair.dtype))
 
     kept = s.slot >= 0
-    dest_dev = jnp.maximum(dest, 0) // e_local
     me = topo.my_node() * topo.gpus_per_node + topo.my_gpu()
+    dest_dev = jnp.maximum(dest, 0)
     same_node = dest_dev // topo.gpus_per_node == topo.my_node()
-    inter = jnp.sum(kept & ~same_node)
-    intra = jnp.sum(kept & same_node & (dest_dev != me))
-    buf = e_local * cap
     stats = DispatchStats(
-        expert_counts=_psum(s.counts.astype(jnp.float32), topo),
-        dropped=_psum(jnp.sum((dest >= 0) & ~kept).astype(jnp.float32), topo),
+        expert_counts=_psum(_bincount(flat, n_experts), topo),
+        dropped=_psum(jnp.sum((flat >= 0) & ~kept).astype(jnp.float32), topo),
         needed_capacity=_pmax(jnp.max(s.counts), topo)[None],
-        rows_inter_node=_psum(inter.astype(jnp.float32), topo),
-        rows_intra_node=_psum(intra.astype(jnp.float32), topo),
-        buffer_rows_inter_node=jnp.float32(n_dev * (n_dev - topo.gpus_per_node) * buf),
-        buffer_rows_intra_node=jnp.float32(n_dev * (topo.gpus_per_node - 1) * buf),
+        rows_inter_node=_psum(jnp.sum(kept & ~same_node).astype(jnp.float32), topo),
+        rows_intra_node=_psum(jnp.sum(kept & same_node & (dest_dev != me)).astype(jnp.float32),
+                              topo),
+        buffer_rows_inter_node=jnp.float32(n_dev * (n_dev - topo.gpus_per_node) * cap),
+        buffer_rows_intra_node=jnp.float32(n_dev * (topo.gpus_per_node - 1) * cap),
     )
     return y, stats
 
@@ -294,7 +352,7 @@ class TwoHopSchedule:
   Hop 2: all_to_all over `gpu`, one copy per (row, expert on this node). Combine reverses it:
   the gate-weighted sum of a token's experts on one node is formed on that node, so each token
   crosses the inter-node fabric once per destination node in each direction.
-  Capacity: (C1 rows per (source device, node), C2 rows per (hop-1 receiver, expert)).
+  Capacity: (C1 rows per (source device, node), C2 rows per (hop-1 receiver, GPU)).
   """
 
   name = "two_hop"
@@ -302,29 +360,33 @@ class TwoHopSchedule:
 
   def worst_case_capacity(self, tokens: int, n_experts: int, top_k: int,
                           topo: EPTopology, max_nodes: int) -> tuple[int, ...]:
-    del n_experts, top_k, max_nodes
-    return (tokens, topo.n_nodes * tokens)
+    del max_nodes
+    per_gpu = min(top_k, topo.experts_per_device(n_experts))
+    return (tokens, topo.n_nodes * tokens * per_gpu)
 
   def initial_capacity(self, tokens: int, n_experts: int, top_k: int, topo: EPTopology,
                        max_nodes: int, factor: float) -> tuple[int, ...]:
     w1, w2 = self.worst_case_capacity(tokens, n_experts, top_k, topo, max_nodes)
     nodes_per_token = min(top_k, max_nodes, topo.n_nodes)
     c1 = _round_capacity(factor * tokens * nodes_per_token / topo.n_nodes, w1)
-    c2 = _round_capacity(factor * topo.n_nodes * tokens * top_k / n_experts, w2)
+    c2 = _round_capacity(factor * tokens * top_k / topo.gpus_per_node, w2)
     return (c1, c2)
 
   def __call__(self, x, topk_idx, topk_weight, valid, w_gate, w_up, w_down, *,
                capacity: tuple[int, ...], topo: EPTopology, n_experts: int):
     """Same contract as `FlatSchedule.__call__`; capacity is (C1, C2)."""
+    idx = jnp.where(valid[:, None], topk_idx, -1)
+    if topo.n_devices == 1:
+      return _local_moe(x, idx, topk_weight, w_gate, w_up, w_down, n_experts, self.hops)
     c1, c2 = capacity
     t, d = x.shape
-    k = topk_idx.shape[1]
+    k = idx.shape[1]
+    g = topo.gpus_per_node
     e_local = w_gate.shape[0]
-    e_node = e_local * topo.gpus_per_node  # experts per node
+    e_node = e_local * g  # experts per node
     my_node, my_gpu = topo.my_node(), topo.my_gpu()
-    idx = jnp.where(valid[:, None], topk_idx, -1)
 
-    # Hop 1: one copy per (token, destination node).
+    # Hop 1: one copy per (token, destination node), to the same in-node GPU index.
     node = jnp.where(idx >= 0, idx // e_node, -1)
     earlier = jnp.tril(jnp.ones((k, k), jnp.bool_), -1)  # earlier[j, i]: i < j
     repeated = jnp.any((node[:, :, None] == node[:, None, :]) & earlier[None], axis=-1)
@@ -332,48 +394,41 @@ class TwoHopSchedule:
     s1 = assign_slots(dest1, topo.n_nodes, c1)
     row1 = jnp.where(s1.src >= 0, s1.src // k, -1)
     inv1 = s1.slot.reshape(t, k)
-    send_x = take_rows(x, row1, inv1)
-    send_w = take_rows(topk_weight, row1, inv1)
     send_i = jnp.where((row1 >= 0)[:, None], idx[jnp.maximum(row1, 0)], -1)
-    a2a = lambda v: _all_to_all(v.reshape((topo.n_nodes, c1) + v.shape[1:]), topo.node_axis,
-                                topo.n_nodes).reshape(v.shape)
-    rx, rw, ri = a2a(send_x), a2a(send_w), a2a(send_i)  # [R2 = n_nodes * C1, ...]
+    hop1 = lambda v: _all_to_all(v.reshape((topo.n_nodes, c1) + v.shape[1:]), topo.node_axis,
+                                 topo.n_nodes).reshape(v.shape)
+    rx = hop1(take_rows(x, row1, inv1))
+    rw = hop1(take_rows(topk_weight, row1, inv1))
+    ri = hop1(send_i)  # [R2 = n_nodes * C1, k]: the rows' expert ids (all k of them)
     r2 = rx.shape[0]
 
     # Hop 2: one copy per (row, expert on this node), over the intra-node fabric.
-    on_node = (ri >= 0) & (ri // e_node == my_node)
-    dest2 = jnp.where(on_node, ri % e_node, -1).reshape(-1)
-    s2 = assign_slots(dest2, e_node, c2)
+    in_node = jnp.where((ri >= 0) & (ri // e_node == my_node), ri % e_node, -1).reshape(-1)
+    dest2 = jnp.where(in_node >= 0, in_node // e_local, -1)
+    s2 = assign_slots(dest2, g, c2)
     send2 = take_rows(rx, jnp.where(s2.src >= 0, s2.src // k, -1), s2.slot.reshape(r2, k))
-    g = topo.gpus_per_node
-    recv2 = _all_to_all(send2.reshape(g, e_local * c2, d), topo.gpu_axis, g)
-    h = recv2.reshape(g, e_local, c2, d).swapaxes(0, 1).reshape(e_local, g * c2, d)
-    out = expert_ffn(h, w_gate, w_up, w_down)
-    back = out.reshape(e_local, g, c2, d).swapaxes(0, 1).reshape(g, e_local * c2, d)
-    ret2 = _all_to_all(back, topo.gpu_axis, g).reshape(e_node * c2, d)
-    per_pair = take_rows(ret2, s2.slot, s2.src[:, None]).reshape(r2, k, d)
+    send2_e = jnp.where(s2.src >= 0, in_node[jnp.maximum(s2.src, 0)] % e_local, -1)
+    hop2 = lambda v: _all_to_all(v.reshape((g, c2) + v.shape[1:]), topo.gpu_axis,
+                                 g).reshape(v.shape)
+    out = expert_compute(hop2(send2), hop2(send2_e), w_gate, w_up, w_down)
+    per_pair = take_rows(hop2(out), s2.slot, s2.src[:, None]).reshape(r2, k, d)
     node_sum = jnp.einsum("rkd,rk->rd", per_pair, rw.astype(per_pair.dtype))  # in-node reduce
 
     # Reverse hop 1: one row per (token, node) back over the inter-node fabric.
-    ret1 = _all_to_all(node_sum.reshape(topo.n_nodes, c1, d), topo.node_axis,
-                       topo.n_nodes).reshape(topo.n_nodes * c1, d)
-    y = take_rows(ret1, s1.slot, s1.src[:, None]).reshape(t, k, d).sum(axis=1)
+    y = take_rows(hop1(node_sum), s1.slot, s1.src[:, None]).reshape(t, k, d).sum(axis=1)
 
     kept1 = s1.slot >= 0
     kept2 = s2.slot >= 0
-    counts = jnp.zeros((n_experts,), jnp.float32).at[jnp.where(idx >= 0, idx, n_experts)].add(
-        1.0, mode="drop")
-    dest2_gpu = jnp.maximum(dest2, 0) // e_local
     stats = DispatchStats(
-        expert_counts=_psum(counts, topo),
+        expert_counts=_psum(_bincount(idx.reshape(-1), n_experts), topo),
         dropped=_psum(jnp.sum(idx >= 0).astype(jnp.float32) -
                       jnp.sum(kept2).astype(jnp.float32), topo),
         needed_capacity=jnp.stack([_pmax(jnp.max(s1.counts), topo),
                                    _pmax(jnp.max(s2.counts), topo)]),
         rows_inter_node=_psum(jnp.sum(kept1 & (dest1 != my_node)).astype(jnp.float32), topo),
-        rows_intra_node=_psum(jnp.sum(kept2 & (dest2_gpu != my_gpu)).astype(jnp.float32), topo),
+        rows_intra_node=_psum(jnp.sum(kept2 & (dest2 != my_gpu)).astype(jnp.float32), topo),
         buffer_rows_inter_node=jnp.float32(topo.n_devices * (topo.n_nodes - 1) * c1),
-        buffer_rows_intra_node=jnp.float32(topo.n_devices * (g - 1) * e_local * c2),
+        buffer_rows_intra_node=jnp.float32(topo.n_devices * (g - 1) * c2),
     )
     return y, stats
 

@@ -157,75 +157,107 @@ def make_optimizer(train_cfg) -> optax.GradientTransformation:
 
 class StepFns(NamedTuple):
   train_step: Callable  # (params, other, opt_state, window, capacity) -> (params, other, opt, metrics)
-  eval_step: Callable  # (params, other, window) -> (sum of nats, count)
+  eval_step: Callable  # (params, other, window, capacity) -> (nats, predicted tokens, needed cap.)
+
+
+def _dispatch_totals(stats) -> dict[str, jax.Array]:
+  """Step totals over MoE layers (already summed over devices by the dispatch)."""
+  dsum = lambda f: sum((getattr(st.dispatch, f) for st in stats), jnp.float32(0.0))
+  counts = jnp.stack([st.dispatch.expert_counts for st in stats]) if stats else jnp.ones((1, 1))
+  load = jnp.max(counts, axis=1) / jnp.maximum(jnp.mean(counts, axis=1), 1e-9)
+  return dict(
+      expert_counts=counts,
+      expert_load_max_over_mean=jnp.max(load),
+      dropped_tokens=dsum("dropped"),
+      rows_inter_node=dsum("rows_inter_node"), rows_intra_node=dsum("rows_intra_node"),
+      buffer_rows_inter_node=dsum("buffer_rows_inter_node"),
+      buffer_rows_intra_node=dsum("buffer_rows_intra_node"),
+      needed_capacity=_needed(stats))
 
 
 def make_step_fns(graphdef, optimizer, model_cfg: ModelConfig, train_cfg, seq_len: int,
                   mesh=None, param_shardings=None, other_shardings=None,
                   opt_shardings=None) -> StepFns:
-  """Builds the jitted train and eval steps for a split nnx model."""
+  """Builds the jitted train and eval steps for a split nnx model.
+
+  On a mesh the forward and backward passes run per device inside one `jax.shard_map` over
+  (`node`, `gpu`): each device holds B / n_dev sequences and its E / n_dev experts, the MoE
+  dispatch uses explicit all_to_alls, and the gradients of replicated parameters are summed over
+  devices by shard_map's transpose. (Leaving the dense parts to GSPMD instead made it insert
+  all-gathers of activations on the emulated mesh.) The optimizer update runs on the global
+  arrays.
+  """
   depth = model_cfg.mtp_depth
   gamma = float(train_cfg.bias_update_speed)
-  batch_sharding = NamedSharding(mesh, P(("node", "gpu"))) if mesh is not None else None
+  mtp_w, alpha = float(train_cfg.mtp_loss_weight), float(train_cfg.balance_loss_alpha)
+  axes = ("node", "gpu")
+  n_dev = 1 if mesh is None else mesh.size
+  mean = (lambda x: jax.lax.pmean(x, axes)) if mesh is not None else (lambda x: x)
 
-  def loss_fn(params, other, window, capacity):
-    model = nnx.merge(graphdef, params, other)
-    batch = make_batch(window, seq_len, depth)
-    out = model.forward(batch.inputs, mtp_tokens=batch.mtp_tokens if depth else None,
-                        mask=batch.mask, capacity=capacity, with_mtp=depth > 0)
-    losses = compute_losses(out, batch,
-                            mtp_weight=float(train_cfg.mtp_loss_weight),
-                            balance_alpha=float(train_cfg.balance_loss_alpha))
-    return losses.total, (losses, out.moe_stats)
+  def per_device_grads(params, other, window, capacity):
+    def loss_fn(params):
+      model = nnx.merge(graphdef, params, other)
+      batch = make_batch(window, seq_len, depth)
+      out = model.forward(batch.inputs, mtp_tokens=batch.mtp_tokens if depth else None,
+                          mask=batch.mask, capacity=capacity, with_mtp=depth > 0)
+      losses = compute_losses(out, batch, mtp_weight=mtp_w, balance_alpha=alpha)
+      # Every device holds the same number of sequences, so the global mean loss is the mean
+      # of the per-device losses; shard_map sums replicated parameters' gradients over devices.
+      return losses.total / n_dev, (losses, out.moe_stats)
 
-  def train_step(params, other, opt_state, window, capacity):
-    if batch_sharding is not None:
-      window = jax.lax.with_sharding_constraint(window, batch_sharding)
-    (_, (losses, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params, other, window, capacity)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    model = nnx.merge(graphdef, params, other)
-    for moe, st in zip(model.moe_layers, stats):
-      b = moe.gate.e_score_correction_bias
-      b[...] = bias_update(b[...], st.dispatch.expert_counts, gamma)
-    other = nnx.state(model, nnx.Not(nnx.Param))
-    counts = jnp.stack([st.dispatch.expert_counts for st in stats]) if stats else jnp.ones((1, 1))
-    load = jnp.max(counts, axis=1) / jnp.maximum(jnp.mean(counts, axis=1), 1e-9)
-    dsum = lambda f: sum((getattr(st.dispatch, f) for st in stats), jnp.float32(0.0))
-    metrics = dict(
-        loss=losses.ce, mtp_loss=losses.mtp, balance_loss=losses.balance, total_loss=losses.total,
-        grad_norm=optax.global_norm(grads),
-        expert_load_max_over_mean=jnp.max(load),
-        dropped_tokens=dsum("dropped"),
-        rows_inter_node=dsum("rows_inter_node"), rows_intra_node=dsum("rows_intra_node"),
-        buffer_rows_inter_node=dsum("buffer_rows_inter_node"),
-        buffer_rows_intra_node=dsum("buffer_rows_intra_node"),
-        needed_capacity=_needed(stats),
-    )
-    return params, other, opt_state, metrics
+    (_, (losses, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    metrics = dict(loss=mean(losses.ce), mtp_loss=mean(losses.mtp),
+                   balance_loss=mean(losses.balance), total_loss=mean(losses.total),
+                   **_dispatch_totals(stats))
+    return grads, metrics
 
-  def eval_step(params, other, window, capacity):
-    if batch_sharding is not None:
-      window = jax.lax.with_sharding_constraint(window, batch_sharding)
+  def per_device_eval(params, other, window, capacity):
     model = nnx.merge(graphdef, params, other)
     batch = make_batch(window, seq_len, depth)
     out = model.forward(batch.inputs, mask=batch.mask, capacity=capacity, with_mtp=False)
     logz = jax.nn.logsumexp(out.logits, axis=-1)
     gold = jnp.take_along_axis(out.logits, batch.targets[..., None], axis=-1)[..., 0]
     m = batch.mask.astype(jnp.float32)
-    return jnp.sum((logz - gold) * m), jnp.sum(m), _needed(out.moe_stats)
+    nats, count = jnp.sum((logz - gold) * m), jnp.sum(m)
+    if mesh is not None:
+      nats, count = jax.lax.psum(nats, axes), jax.lax.psum(count, axes)
+    return nats, count, _needed(out.moe_stats)
 
-  state_sh = (param_shardings, other_shardings, opt_shardings)
   if mesh is not None:
+    spec = lambda shardings: jax.tree.map(lambda sh: sh.spec, shardings)
+    p_spec, o_spec, tok = spec(param_shardings), spec(other_shardings), P(axes)
+    grads_fn = lambda p, o, w, c: jax.shard_map(
+        lambda p, o, w: per_device_grads(p, o, w, c), mesh=mesh, in_specs=(p_spec, o_spec, tok),
+        out_specs=(p_spec, P()))(p, o, w)
+    eval_fn = lambda p, o, w, c: jax.shard_map(
+        lambda p, o, w: per_device_eval(p, o, w, c), mesh=mesh, in_specs=(p_spec, o_spec, tok),
+        out_specs=(P(), P(), P()))(p, o, w)
+  else:
+    grads_fn, eval_fn = per_device_grads, per_device_eval
+
+  def train_step(params, other, opt_state, window, capacity):
+    grads, metrics = grads_fn(params, other, window, capacity)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    model = nnx.merge(graphdef, params, other)
+    for moe, counts in zip(model.moe_layers, metrics["expert_counts"]):
+      b = moe.gate.e_score_correction_bias
+      b[...] = bias_update(b[...], counts, gamma)
+    other = nnx.state(model, nnx.Not(nnx.Param))
+    metrics["grad_norm"] = optax.global_norm(grads)
+    return params, other, opt_state, metrics
+
+  if mesh is not None:
+    batch_sharding = NamedSharding(mesh, P(axes))
+    state_sh = (param_shardings, other_shardings, opt_shardings)
     train_jit = jax.jit(train_step, static_argnums=(4,),
                         in_shardings=state_sh + (batch_sharding,),
                         out_shardings=state_sh + (None,))
-    eval_jit = jax.jit(eval_step, static_argnums=(3,),
+    eval_jit = jax.jit(eval_fn, static_argnums=(3,),
                        in_shardings=(param_shardings, other_shardings, batch_sharding))
   else:
     train_jit = jax.jit(train_step, static_argnums=(4,))
-    eval_jit = jax.jit(eval_step, static_argnums=(3,))
+    eval_jit = jax.jit(eval_fn, static_argnums=(3,))
   return StepFns(train_jit, eval_jit)
 
 
