@@ -44,6 +44,7 @@ def get_config() -> config_dict.ConfigDict:
       max_position_embeddings=256,
       tie_word_embeddings=False,
       initializer_range=0.02,
+      embedding_init_std=1.0,
       dtype="float32",
       dispatch="flat",
       capacity_factor=1.25,
@@ -70,8 +71,10 @@ def get_config() -> config_dict.ConfigDict:
       b2=0.95,
       grad_clip_norm=1.0,
       seed=0,
-      # DeepSeek-V3 report §2.1.2 / §4.2 (gamma 0.001 there; larger here for short runs).
-      bias_update_speed=0.001,
+      # Aux-loss-free balancing speed gamma and sequence-wise balance weight alpha (report
+      # §2.1.2, §4.2: gamma 0.001 over 14.3T tokens, alpha 1e-4). Runs here last a few hundred
+      # steps, so gamma is 10x larger.
+      bias_update_speed=0.01,
       balance_loss_alpha=1e-4,
       mtp_loss_weight=0.3,
       dropless=True,

@@ -77,7 +77,12 @@ class ModelConfig:
   rope_scaling: Optional[RopeScaling] = None
   max_position_embeddings: int = 256
   tie_word_embeddings: bool = False
-  initializer_range: float = 0.02
+  initializer_range: float = 0.02  # std of every projection's initial weights
+  # std of the initial token embeddings. 1.0 (as T5 / Mesh-TensorFlow) rather than 0.02: with a
+  # small embedding, the position-averaged attention output is nearly the same vector for every
+  # token at initialisation, so every token picks the same experts (routing collapse before
+  # the first step); with 1.0 tokens start out routed by their own identity.
+  embedding_init_std: float = 1.0
   # Execution settings (not part of the Hugging Face config).
   dtype: str = "float32"  # activation / matmul dtype; parameters are always float32
   dispatch: str = "flat"  # expert-parallel schedule, one of DISPATCH_SCHEDULES

@@ -104,7 +104,7 @@ class Transformer(nnx.Module):
   def __init__(self, config: ModelConfig, *, mesh: Optional[Mesh] = None, rngs: nnx.Rngs):
     c = config.validate()
     self.config = c
-    self.embed_tokens = nnx.Param(normal_init(c.initializer_range)(
+    self.embed_tokens = nnx.Param(normal_init(c.embedding_init_std)(
         rngs.params(), (c.vocab_size, c.hidden_size), jnp.float32))
     self.layers = nnx.List([DecoderLayer(c, i, mesh=mesh, rngs=rngs)
                             for i in range(c.num_hidden_layers)])

@@ -244,7 +244,7 @@ def make_step_fns(graphdef, optimizer, model_cfg: ModelConfig, train_cfg, seq_le
       b = moe.gate.e_score_correction_bias
       b[...] = bias_update(b[...], counts, gamma)
     other = nnx.state(model, nnx.Not(nnx.Param))
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     return params, other, opt_state, metrics
 
   if mesh is not None:
@@ -296,6 +296,12 @@ def validate(cfg) -> ModelConfig:
     if not isinstance(v, int) or v < 1:
       raise ValueError(f"{name} must be a positive integer, got {v!r}")
   n_dev = nodes * gpus
+  have = jax.device_count()
+  if have < n_dev:
+    raise ValueError(
+        f"the mesh mesh.nodes x mesh.gpus_per_node = {nodes} x {gpus} needs {n_dev} devices but "
+        f"jax has {have}; set XLA_FLAGS=--xla_force_host_platform_device_count={n_dev} before "
+        "importing jax (dsv3-train does this)")
   if model_cfg.n_routed_experts % n_dev:
     raise ValueError(
         f"model.n_routed_experts={model_cfg.n_routed_experts} is not divisible by the "
@@ -325,12 +331,6 @@ def validate(cfg) -> ModelConfig:
   if not 0.0 < cfg.data.heldout_fraction < 1.0:
     raise ValueError(f"data.heldout_fraction must be in (0, 1), got {cfg.data.heldout_fraction}")
   data_lib.list_corpus_files(cfg.data.paths)  # raises on a missing path / no files
-  have = jax.device_count()
-  if have < n_dev:
-    raise ValueError(
-        f"the mesh mesh.nodes x mesh.gpus_per_node = {nodes} x {gpus} needs {n_dev} devices but "
-        f"jax has {have}; set XLA_FLAGS=--xla_force_host_platform_device_count={n_dev} before "
-        "importing jax (dsv3-train does this)")
   return model_cfg
 
 

@@ -1,0 +1,33 @@
+# Quick start: `make train` (the main job) and `make test`. Each bootstraps .venv on a fresh
+# machine with only Python 3.10+ installed.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: train test bench experiments clean
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+# The main job: tiny DeepSeek-V3 on an emulated 4-node x 8-GPU mesh (configs/orion_4x8.py).
+# Rerunning resumes from the newest checkpoint in runs/orion_4x8.
+train: $(STAMP)
+	$(BIN)/dsv3-train --config=configs/orion_4x8.py
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+# Training-step throughput of the tiny config on one device (results/benchmark_step.*).
+bench: $(STAMP)
+	$(BIN)/python experiments/benchmark_step.py
+
+# The cost-model tables (results/*.md, .csv, .png).
+experiments: $(STAMP)
+	$(BIN)/python experiments/run_analysis.py
+
+clean:
+	rm -rf runs .pytest_cache

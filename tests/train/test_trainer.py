@@ -1,0 +1,117 @@
+"""Losses, MTP masking, the bias update, capacity growth, and short real training runs."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import tiny
+from dsv3_jax.train import trainer
+
+
+def test_cross_entropy_hand_value_and_mask():
+  logits = jnp.log(jnp.array([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1]]]))
+  targets = jnp.array([[0, 1]])
+  ce = trainer.cross_entropy(logits, targets, jnp.array([[True, True]]))
+  assert float(ce) == pytest.approx(-(np.log(0.5) + np.log(0.8)) / 2, rel=1e-6)
+  ce = trainer.cross_entropy(logits, targets, jnp.array([[False, True]]))
+  assert float(ce) == pytest.approx(-np.log(0.8), rel=1e-6)
+
+
+def test_make_batch_mtp_targets_and_masks():
+  w = jnp.arange(2 * 8).reshape(2, 8)  # windows of S + 1 + D = 5 + 1 + 2
+  b = trainer.make_batch(w, 5, 2)
+  np.testing.assert_array_equal(b.inputs[0], [0, 1, 2, 3, 4])
+  np.testing.assert_array_equal(b.targets[0], [1, 2, 3, 4, 5])
+  np.testing.assert_array_equal(b.mtp_tokens[0], [0, 1, 2, 3, 4, 5, 6])
+  np.testing.assert_array_equal(b.mtp_targets[0][0], [2, 3, 4, 5, 6])  # depth 1: t[i+2]
+  np.testing.assert_array_equal(b.mtp_targets[1][0], [3, 4, 5, 6, 7])  # depth 2: t[i+3]
+  assert bool(jnp.all(b.mask)) and all(bool(jnp.all(m)) for m in b.mtp_masks)
+
+
+def test_targets_falling_off_the_end_are_never_supervised():
+  w = jnp.arange(6)[None]  # only S + 1 tokens: no extra tokens for MTP
+  b = trainer.make_batch(w, 5, 2)
+  assert b.mask.tolist() == [[True] * 5]
+  assert b.mtp_masks[0].tolist() == [[True, True, True, True, False]]  # t[6] is missing
+  assert b.mtp_masks[1].tolist() == [[True, True, True, False, False]]
+  pad = jnp.array([[True] * 4 + [False] * 4])  # padding after t_3
+  b = trainer.make_batch(jnp.arange(8)[None], 5, 2, token_mask=pad)
+  assert b.mask.tolist() == [[True, True, True, False, False]]
+  assert b.mtp_masks[0].tolist() == [[True, True, False, False, False]]
+
+
+def test_bias_update_direction():
+  b = trainer.bias_update(jnp.zeros(4), jnp.array([10.0, 2.0, 4.0, 4.0]), 0.1)
+  np.testing.assert_allclose(b, [-0.1, 0.1, 0.1, 0.1])  # mean 5: over, under, under, under
+  b = trainer.bias_update(jnp.zeros(3), jnp.array([1.0, 2.0, 3.0]), 0.5)
+  np.testing.assert_allclose(b, [0.5, 0.0, -0.5])
+
+
+def test_grow_capacity():
+  assert trainer.grow_capacity((32, 64), np.array([40, 10]), (256, 512)) == (56, 64)
+  assert trainer.grow_capacity((32,), np.array([250]), (256,)) == (256,)  # capped
+
+
+def _tiny_cfg(tmp_path, **train):
+  c = tiny.get_config()
+  c.model.update(dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                      num_attention_heads=4, q_lora_rank=32, kv_lora_rank=16,
+                      qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                      n_routed_experts=8, num_hidden_layers=2, max_position_embeddings=64))
+  c.data.seq_len = 64
+  c.data.eval_sequences = 16
+  c.train.update(dict(batch_size=8, steps=30, warmup_steps=5, log_every=10, eval_every=30,
+                      checkpoint_every=15, workdir=str(tmp_path / "run"), learning_rate=3e-3))
+  c.train.update(train)
+  return c
+
+
+def test_short_run_learns_resumes_and_writes_metrics(tmp_path):
+  cfg = _tiny_cfg(tmp_path)
+  s1 = trainer.train(cfg, progress=False, log=lambda *_: None)
+  lines = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+  losses = [l["loss"] for l in lines if "loss" in l]
+  assert losses[-1] < losses[0] - 0.5  # it learns
+  # Untrained, the model predicts ~uniform bytes: ln 256 = 5.55 nats.
+  assert np.isfinite(s1["heldout_loss"]) and s1["heldout_loss"] < 4.0
+  for key in ("mtp_loss", "balance_loss", "expert_load_max_over_mean", "dropped_tokens",
+              "tokens_per_s", "step_time_s"):
+    assert key in lines[0]
+  assert all(l["dropped_tokens"] == 0 for l in lines if "dropped_tokens" in l)  # dropless
+  assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["15", "30"]
+  # Rerunning with more steps resumes at step 30 and continues from the saved state.
+  cfg.train.steps = 35
+  s2 = trainer.train(cfg, progress=False, log=lambda *_: None)
+  assert s2["resumed_from"] == 30
+  lines = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+  assert lines[-1]["step"] == 35
+
+
+@pytest.mark.parametrize("change,match", [
+    (("model", "n_routed_experts", 12), "n_routed_experts=12 is not divisible by the "
+     "expert-parallel size"),
+    (("model", "topk_group", 5), "topk_group=5 must be <= model.n_group=4"),
+    (("model", "num_experts_per_tok", 9), "num_experts_per_tok=9 exceeds"),
+    (("mesh", "nodes", 64), "needs 256 devices but jax has 32"),
+    (("data", "paths", ["/no/such/file.txt"]), "does not exist"),
+    (("model", "dispatch", "ring"), "allowed: \\('flat', 'two_hop'\\)"),
+    (("train", "batch_size", 12), "batch_size=12 must be divisible by the 8 devices"),
+])
+def test_bad_config_stops_before_any_file_is_written(tmp_path, change, match):
+  cfg = _tiny_cfg(tmp_path)
+  cfg.mesh.nodes, cfg.mesh.gpus_per_node = 2, 4
+  cfg.model.n_group = 2
+  section, key, value = change
+  if section == "model" and key in ("topk_group", "num_experts_per_tok"):
+    cfg.mesh.nodes, cfg.mesh.gpus_per_node, cfg.model.n_group = 1, 1, 4
+  if section == "mesh":
+    cfg.model.n_group = value
+    cfg.model.n_routed_experts = 512
+  cfg[section][key] = value
+  with pytest.raises((ValueError, FileNotFoundError), match=match):
+    trainer.train(cfg, progress=False, log=lambda *_: None)
+  assert not os.path.exists(tmp_path / "run")
