@@ -1,0 +1,34 @@
+"""`dsv3-train` end to end in a subprocess (it sets the emulated device count itself)."""
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(args, tmp_path):
+  env = dict(os.environ, XLA_FLAGS="")
+  return subprocess.run([sys.executable, "-m", "dsv3_jax.train.cli", *args], cwd=tmp_path,
+                        env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_bad_config_exits_with_a_message_and_writes_nothing(tmp_path):
+  work = tmp_path / "run"
+  r = _run([f"--config={ROOT}/configs/orion_4x8.py", "--config.model.topk_group=6",
+            f"--config.train.workdir={work}"], tmp_path)
+  assert r.returncode == 2
+  assert "model.topk_group=6 must be <= model.n_group=4" in r.stderr
+  assert not work.exists()
+
+
+def test_main_job_config_runs_on_32_emulated_devices(tmp_path):
+  work = tmp_path / "run"
+  r = _run([f"--config={ROOT}/configs/orion_4x8.py", "--config.train.steps=2",
+            "--config.train.log_every=1", "--config.train.eval_every=2",
+            "--config.data.eval_sequences=32", f"--config.train.workdir={work}"], tmp_path)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "held-out loss" in r.stdout
+  import json
+  summary = json.load(open(work / "summary.json"))
+  assert summary["devices"] == 32 and summary["steps"] == 2
