@@ -48,9 +48,14 @@ def get_config() -> config_dict.ConfigDict:
       dtype="float32",
       dispatch="flat",
       capacity_factor=1.25,
+      dispatch_payload="compute",
+      combine_payload="compute",
   ))
   # Emulated topology: nodes x GPUs per node = devices (XLA_FLAGS is set from this).
-  c.mesh = config_dict.ConfigDict(dict(nodes=1, gpus_per_node=1))
+  # ep_nodes: nodes per expert-parallel group (None = all; fewer adds data parallelism across
+  # groups on a ('replica', 'node', 'gpu') mesh).
+  c.mesh = config_dict.ConfigDict(dict(nodes=1, gpus_per_node=1,
+                                       ep_nodes=config_dict.placeholder(int)))
   # Data: None = the embedded default corpus (this Python's standard library sources);
   # otherwise a list of text files or directories (every *.py, *.txt, *.md below them).
   c.data = config_dict.ConfigDict(dict(

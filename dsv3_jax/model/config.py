@@ -87,6 +87,10 @@ class ModelConfig:
   dtype: str = "float32"  # activation / matmul dtype; parameters are always float32
   dispatch: str = "flat"  # expert-parallel schedule, one of DISPATCH_SCHEDULES
   capacity_factor: float = 1.25  # initial per-destination buffer size / balanced load
+  # Wire format of the MoE all_to_all payloads (quant.codec.codec_from_name): "compute" (the
+  # compute dtype), "bf16", "fp8" (E4M3 + 1x128 power-of-two scales, report §3.3.2), "logfmtN".
+  dispatch_payload: str = "compute"
+  combine_payload: str = "compute"
 
   # ------------------------------------------------------------------ derived sizes
   @property
@@ -156,6 +160,12 @@ class ModelConfig:
       raise ValueError(f"model.dtype={self.dtype!r}; allowed: {COMPUTE_DTYPES}")
     if self.dispatch not in DISPATCH_SCHEDULES:
       raise ValueError(f"model.dispatch={self.dispatch!r}; allowed: {DISPATCH_SCHEDULES}")
+    from dsv3_jax.quant.codec import codec_from_name
+    for name in ("dispatch_payload", "combine_payload"):
+      try:
+        codec_from_name(getattr(self, name))
+      except ValueError as e:
+        raise ValueError(f"model.{name}: {e}") from None
     if not (isinstance(self.capacity_factor, (int, float)) and self.capacity_factor > 0):
       raise ValueError(f"model.capacity_factor must be > 0, got {self.capacity_factor!r}")
     if self.rope_scaling is not None:

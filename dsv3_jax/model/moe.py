@@ -19,6 +19,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from dsv3_jax.model.config import ModelConfig
 from dsv3_jax.model.layers import MLP, normal_init
 from dsv3_jax.parallel import dispatch as dispatch_lib
+from dsv3_jax.quant.codec import codec_from_name
 
 
 def _inside_shard_map(axes) -> bool:
@@ -167,12 +168,15 @@ class DeepSeekMoE(nnx.Module):
     self.mesh = mesh
     if mesh is not None:
       shape = dict(mesh.shape)
-      self.topology = dispatch_lib.EPTopology(n_nodes=shape["node"],
-                                              gpus_per_node=shape["gpu"])
+      replica = "replica" if "replica" in shape else None
+      self.topology = dispatch_lib.EPTopology(
+          n_nodes=shape["node"], gpus_per_node=shape["gpu"], replica_axis=replica,
+          n_replicas=shape.get("replica", 1))
     else:
       self.topology = dispatch_lib.EPTopology()
     self.topology.experts_per_device(c.n_routed_experts)  # validates divisibility
-    self.schedule = dispatch_lib.get_schedule(c.dispatch)
+    self.schedule = dispatch_lib.get_schedule(c.dispatch, codec_from_name(c.dispatch_payload),
+                                              codec_from_name(c.combine_payload))
     self.gate = Router(c, rngs=rngs)
     self.experts = RoutedExperts(c, expert_axes=self.topology.axes if mesh is not None else None,
                                  rngs=rngs)
@@ -185,10 +189,11 @@ class DeepSeekMoE(nnx.Module):
 
   # -- capacity helpers (rows per source device and destination, per hop)
   def local_tokens(self, n_tokens: int) -> int:
-    if n_tokens % self.topology.n_devices:
-      raise ValueError(f"{n_tokens} tokens cannot be split evenly over the "
-                       f"{self.topology.n_devices} expert-parallel devices")
-    return n_tokens // self.topology.n_devices
+    """Tokens per device when `n_tokens` are split over every device of the mesh."""
+    n = self.topology.n_devices * self.topology.n_replicas
+    if n_tokens % n:
+      raise ValueError(f"{n_tokens} tokens cannot be split evenly over the {n} devices")
+    return n_tokens // n
 
   def worst_case_capacity(self, n_tokens: int) -> tuple[int, ...]:
     c = self.config
@@ -231,7 +236,7 @@ class DeepSeekMoE(nnx.Module):
     if self.mesh is None or _inside_shard_map(self.topology.axes):
       y, stats = run(*args)  # local, or already per-device inside the caller's shard_map
     else:
-      tok = P(self.topology.axes)
+      tok = P(self.topology.all_axes)
       stat_specs = dispatch_lib.DispatchStats(*([P()] * len(dispatch_lib.DispatchStats._fields)))
       y, stats = jax.shard_map(run, mesh=self.mesh, in_specs=(tok,) * 4 + (tok,) * 3,
                                out_specs=(tok, stat_specs))(*args)

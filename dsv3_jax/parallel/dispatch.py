@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -42,13 +42,17 @@ class EPTopology:
   """The expert-parallel group: `n_nodes` x `gpus_per_node` devices on mesh axes of those names.
 
   Experts are laid out device-major over (node, gpu): expert e is on node
-  e // (E_l * gpus_per_node), GPU (e // E_l) % gpus_per_node.
+  e // (E_l * gpus_per_node), GPU (e // E_l) % gpus_per_node. With `replica_axis` set, the
+  cluster holds several such groups (data parallelism across them, e.g. EP64 = 8 nodes inside
+  256 nodes); statistics are then summed over the replicas too.
   """
 
   n_nodes: int = 1
   gpus_per_node: int = 1
   node_axis: str = "node"
   gpu_axis: str = "gpu"
+  replica_axis: Optional[str] = None
+  n_replicas: int = 1
 
   @property
   def n_devices(self) -> int:
@@ -56,7 +60,13 @@ class EPTopology:
 
   @property
   def axes(self) -> tuple[str, str]:
+    """The expert-parallel axes (experts are sharded over these)."""
     return (self.node_axis, self.gpu_axis)
+
+  @property
+  def all_axes(self) -> tuple[str, ...]:
+    """Every mesh axis the tokens are sharded over (replicas first)."""
+    return ((self.replica_axis,) if self.replica_axis else ()) + self.axes
 
   def experts_per_device(self, n_experts: int) -> int:
     if n_experts % self.n_devices:
@@ -72,6 +82,14 @@ class EPTopology:
   def my_gpu(self) -> jax.Array:
     return jax.lax.axis_index(self.gpu_axis) if self.gpus_per_node > 1 else jnp.int32(0)
 
+  @property
+  def all_axes_present(self) -> tuple[str, ...]:
+    """The mesh axes of size > 1 (collectives over size-1 axes are skipped)."""
+    sizes = {self.node_axis: self.n_nodes, self.gpu_axis: self.gpus_per_node}
+    if self.replica_axis:
+      sizes[self.replica_axis] = self.n_replicas
+    return tuple(a for a in self.all_axes if sizes[a] > 1)
+
 
 def _all_to_all(x: jax.Array, axes, size: int) -> jax.Array:
   """all_to_all splitting and concatenating leading axis 0; identity when the group is 1."""
@@ -81,11 +99,25 @@ def _all_to_all(x: jax.Array, axes, size: int) -> jax.Array:
 
 
 def _psum(x, topo: EPTopology):
-  return x if topo.n_devices == 1 else jax.lax.psum(x, topo.axes)
+  """Sum over the whole cluster, one mesh axis at a time: a reduction over one 2048-member group
+  needs a connection per peer per device in multi-process emulation (NOTES-2048), per-axis
+  groups of 8 and 256 do not (and real clusters reduce hierarchically anyway)."""
+  for axis in reversed(topo.all_axes_present):
+    x = jax.lax.psum(x, axis)
+  return x
 
 
 def _pmax(x, topo: EPTopology):
-  return x if topo.n_devices == 1 else jax.lax.pmax(x, topo.axes)
+  for axis in reversed(topo.all_axes_present):
+    x = jax.lax.pmax(x, axis)
+  return x
+
+
+def _send(codec, rows: jax.Array, comm):
+  """comm(rows), through `codec` (FP8 / LogFMT / BF16 wire format) when one is set."""
+  if codec is None:
+    return comm(rows)
+  return codec.transport(rows, comm, dtype=rows.dtype)
 
 
 # ------------------------------------------------------------------------ row movement
@@ -251,7 +283,7 @@ def _round_capacity(x: float, worst: int) -> int:
 # ------------------------------------------------------------------------ schedules
 
 
-def _local_moe(x, idx, weight, w_gate, w_up, w_down, n_experts, hops):
+def _local_moe(x, idx, weight, w_gate, w_up, w_down, n_experts, hops, topo):
   """All experts on this device: every (token, expert) pair is computed (dropless)."""
   t, d = x.shape
   k = idx.shape[1]
@@ -260,7 +292,7 @@ def _local_moe(x, idx, weight, w_gate, w_up, w_down, n_experts, hops):
   y = jnp.einsum("tkd,tk->td", out.reshape(t, k, d), weight.astype(out.dtype))
   zero = jnp.float32(0.0)
   stats = DispatchStats(
-      expert_counts=_bincount(flat, n_experts), dropped=zero,
+      expert_counts=_psum(_bincount(flat, n_experts), topo), dropped=zero,
       needed_capacity=jnp.zeros((hops,), jnp.int32), rows_inter_node=zero, rows_intra_node=zero,
       buffer_rows_inter_node=zero, buffer_rows_intra_node=zero)
   return y, stats
@@ -277,8 +309,12 @@ class FlatSchedule:
 
   A token whose k experts sit on one remote node crosses the inter-node fabric k times.
   Capacity: (C,), rows per (source device, destination device).
+  `dispatch_codec` / `combine_codec` (from `dsv3_jax.quant.codec`, None = the compute dtype)
+  set the wire format of the token payloads going out and coming back.
   """
 
+  dispatch_codec: Any = None
+  combine_codec: Any = None
   name = "flat"
   hops = 1
 
@@ -308,7 +344,7 @@ class FlatSchedule:
     """
     idx = jnp.where(valid[:, None], topk_idx, -1)
     if topo.n_devices == 1:
-      return _local_moe(x, idx, topk_weight, w_gate, w_up, w_down, n_experts, self.hops)
+      return _local_moe(x, idx, topk_weight, w_gate, w_up, w_down, n_experts, self.hops, topo)
     (cap,) = capacity
     t, d = x.shape
     k = idx.shape[1]
@@ -322,8 +358,10 @@ class FlatSchedule:
     send_e = jnp.where(s.src >= 0, flat[jnp.maximum(s.src, 0)] % e_local, -1)
     a2a = lambda v: _all_to_all(v.reshape((n_dev, cap) + v.shape[1:]), topo.axes,
                                 n_dev).reshape(v.shape)
-    out = expert_compute(a2a(send), a2a(send_e), w_gate, w_up, w_down)
-    per_pair = take_rows(a2a(out), s.slot, s.src[:, None]).reshape(t, k, d)
+    out = expert_compute(_send(self.dispatch_codec, send, a2a), a2a(send_e), w_gate, w_up,
+                         w_down)
+    per_pair = take_rows(_send(self.combine_codec, out, a2a), s.slot,
+                         s.src[:, None]).reshape(t, k, d)
     y = jnp.einsum("tkd,tk->td", per_pair, topk_weight.astype(per_pair.dtype))
 
     kept = s.slot >= 0
@@ -337,8 +375,10 @@ class FlatSchedule:
         rows_inter_node=_psum(jnp.sum(kept & ~same_node).astype(jnp.float32), topo),
         rows_intra_node=_psum(jnp.sum(kept & same_node & (dest_dev != me)).astype(jnp.float32),
                               topo),
-        buffer_rows_inter_node=jnp.float32(n_dev * (n_dev - topo.gpus_per_node) * cap),
-        buffer_rows_intra_node=jnp.float32(n_dev * (topo.gpus_per_node - 1) * cap),
+        buffer_rows_inter_node=jnp.float32(
+            topo.n_replicas * n_dev * (n_dev - topo.gpus_per_node) * cap),
+        buffer_rows_intra_node=jnp.float32(
+            topo.n_replicas * n_dev * (topo.gpus_per_node - 1) * cap),
     )
     return y, stats
 
@@ -353,8 +393,12 @@ class TwoHopSchedule:
   the gate-weighted sum of a token's experts on one node is formed on that node, so each token
   crosses the inter-node fabric once per destination node in each direction.
   Capacity: (C1 rows per (source device, node), C2 rows per (hop-1 receiver, GPU)).
+  Codecs as for `FlatSchedule` (the dispatch payload is re-encoded for hop 2, which for FP8 with
+  unchanged tile scales reproduces the hop-1 values exactly, as forwarding FP8 would).
   """
 
+  dispatch_codec: Any = None
+  combine_codec: Any = None
   name = "two_hop"
   hops = 2
 
@@ -377,7 +421,7 @@ class TwoHopSchedule:
     """Same contract as `FlatSchedule.__call__`; capacity is (C1, C2)."""
     idx = jnp.where(valid[:, None], topk_idx, -1)
     if topo.n_devices == 1:
-      return _local_moe(x, idx, topk_weight, w_gate, w_up, w_down, n_experts, self.hops)
+      return _local_moe(x, idx, topk_weight, w_gate, w_up, w_down, n_experts, self.hops, topo)
     c1, c2 = capacity
     t, d = x.shape
     k = idx.shape[1]
@@ -397,7 +441,7 @@ class TwoHopSchedule:
     send_i = jnp.where((row1 >= 0)[:, None], idx[jnp.maximum(row1, 0)], -1)
     hop1 = lambda v: _all_to_all(v.reshape((topo.n_nodes, c1) + v.shape[1:]), topo.node_axis,
                                  topo.n_nodes).reshape(v.shape)
-    rx = hop1(take_rows(x, row1, inv1))
+    rx = _send(self.dispatch_codec, take_rows(x, row1, inv1), hop1)
     rw = hop1(take_rows(topk_weight, row1, inv1))
     ri = hop1(send_i)  # [R2 = n_nodes * C1, k]: the rows' expert ids (all k of them)
     r2 = rx.shape[0]
@@ -410,12 +454,15 @@ class TwoHopSchedule:
     send2_e = jnp.where(s2.src >= 0, in_node[jnp.maximum(s2.src, 0)] % e_local, -1)
     hop2 = lambda v: _all_to_all(v.reshape((g, c2) + v.shape[1:]), topo.gpu_axis,
                                  g).reshape(v.shape)
-    out = expert_compute(hop2(send2), hop2(send2_e), w_gate, w_up, w_down)
-    per_pair = take_rows(hop2(out), s2.slot, s2.src[:, None]).reshape(r2, k, d)
+    out = expert_compute(_send(self.dispatch_codec, send2, hop2), hop2(send2_e), w_gate, w_up,
+                         w_down)
+    per_pair = take_rows(_send(self.combine_codec, out, hop2), s2.slot,
+                         s2.src[:, None]).reshape(r2, k, d)
     node_sum = jnp.einsum("rkd,rk->rd", per_pair, rw.astype(per_pair.dtype))  # in-node reduce
 
     # Reverse hop 1: one row per (token, node) back over the inter-node fabric.
-    y = take_rows(hop1(node_sum), s1.slot, s1.src[:, None]).reshape(t, k, d).sum(axis=1)
+    y = take_rows(_send(self.combine_codec, node_sum, hop1), s1.slot,
+                  s1.src[:, None]).reshape(t, k, d).sum(axis=1)
 
     kept1 = s1.slot >= 0
     kept2 = s2.slot >= 0
@@ -427,25 +474,32 @@ class TwoHopSchedule:
                                    _pmax(jnp.max(s2.counts), topo)]),
         rows_inter_node=_psum(jnp.sum(kept1 & (dest1 != my_node)).astype(jnp.float32), topo),
         rows_intra_node=_psum(jnp.sum(kept2 & (dest2 != my_gpu)).astype(jnp.float32), topo),
-        buffer_rows_inter_node=jnp.float32(topo.n_devices * (topo.n_nodes - 1) * c1),
-        buffer_rows_intra_node=jnp.float32(topo.n_devices * (g - 1) * c2),
+        buffer_rows_inter_node=jnp.float32(
+            topo.n_replicas * topo.n_devices * (topo.n_nodes - 1) * c1),
+        buffer_rows_intra_node=jnp.float32(topo.n_replicas * topo.n_devices * (g - 1) * c2),
     )
     return y, stats
 
 
-SCHEDULES = {"flat": FlatSchedule(), "two_hop": TwoHopSchedule()}
+SCHEDULES = {"flat": FlatSchedule, "two_hop": TwoHopSchedule}
 
 
-def get_schedule(name: str):
-  """The schedule object for `name` in SCHEDULES.
+def get_schedule(name: str, dispatch_codec=None, combine_codec=None):
+  """The schedule `name` (a key of SCHEDULES) with the given payload codecs.
 
   Raises:
     ValueError: unknown name (lists the allowed ones).
   """
   try:
-    return SCHEDULES[name]
+    cls = SCHEDULES[name]
   except KeyError:
     raise ValueError(f"model.dispatch={name!r}; allowed: {tuple(SCHEDULES)}") from None
+  return cls(dispatch_codec=dispatch_codec, combine_codec=combine_codec)
+
+
+def payload_bytes_per_row(codec, d: int, dtype) -> int:
+  """Bytes one token row of width d occupies on the wire under `codec` (None: `dtype`)."""
+  return codec.bytes_per_row(d) if codec is not None else d * jnp.dtype(dtype).itemsize
 
 
 def moe_dense_reference(x, topk_idx, topk_weight, w_gate, w_up, w_down):

@@ -17,6 +17,7 @@ import sys
 
 NODE_AXIS = "node"
 GPU_AXIS = "gpu"
+REPLICA_AXIS = "replica"
 MESH_AXES = (NODE_AXIS, GPU_AXIS)
 _FLAG = "--xla_force_host_platform_device_count"
 
@@ -43,19 +44,25 @@ def set_host_device_count(n: int) -> None:
           "runtime) or run in a fresh process.")
 
 
-def make_mesh(nodes: int, gpus_per_node: int, devices=None):
-  """A `jax.sharding.Mesh` of shape (nodes, gpus_per_node) with axes ('node', 'gpu').
+def make_mesh(nodes: int, gpus_per_node: int, ep_nodes=None, devices=None):
+  """A `jax.sharding.Mesh` of the emulated cluster.
 
-  Device d = node * gpus_per_node + gpu, so consecutive devices share a node.
+  With the expert-parallel group spanning every node (`ep_nodes` None or = nodes): shape
+  (nodes, gpus_per_node), axes ('node', 'gpu'). With EP groups of `ep_nodes` nodes (e.g. EP64 =
+  8 nodes of 8 GPUs inside 256 nodes, report §3.1): shape (nodes / ep_nodes, ep_nodes,
+  gpus_per_node), axes ('replica', 'node', 'gpu'), 'node' indexing a node inside its group and
+  data parallelism across groups. Device d = node * gpus_per_node + gpu (consecutive devices
+  share a node) in both layouts.
 
   Args:
     nodes: number of nodes (mesh.nodes), >= 1.
     gpus_per_node: devices per node (mesh.gpus_per_node), >= 1.
+    ep_nodes: nodes per expert-parallel group (mesh.ep_nodes); must divide `nodes`.
     devices: optional explicit device list (default: the first nodes * gpus_per_node devices).
 
   Raises:
-    ValueError: a non-positive size, or fewer devices than the mesh needs (the message says
-      how to set the emulated device count).
+    ValueError: a non-positive size, `ep_nodes` not dividing `nodes`, or fewer devices than the
+      mesh needs (the message says how to set the emulated device count).
   """
   import jax
   import numpy as np
@@ -63,14 +70,21 @@ def make_mesh(nodes: int, gpus_per_node: int, devices=None):
   for name, v in (("mesh.nodes", nodes), ("mesh.gpus_per_node", gpus_per_node)):
     if not isinstance(v, int) or v < 1:
       raise ValueError(f"{name} must be a positive integer, got {v!r}")
+  ep_nodes = nodes if ep_nodes is None else ep_nodes
+  if not isinstance(ep_nodes, int) or ep_nodes < 1 or nodes % ep_nodes:
+    raise ValueError(f"mesh.ep_nodes={ep_nodes!r} must be a positive divisor of "
+                     f"mesh.nodes={nodes}")
   n = nodes * gpus_per_node
   devices = list(jax.devices() if devices is None else devices)
   if len(devices) < n:
     raise ValueError(
         f"mesh.nodes x mesh.gpus_per_node = {nodes} x {gpus_per_node} = {n} devices, but jax "
         f"has {len(devices)}; set XLA_FLAGS={_FLAG}={n} before importing jax")
-  grid = np.array(devices[:n], dtype=object).reshape(nodes, gpus_per_node)
-  return jax.sharding.Mesh(grid, MESH_AXES)
+  if ep_nodes == nodes:
+    grid = np.array(devices[:n], dtype=object).reshape(nodes, gpus_per_node)
+    return jax.sharding.Mesh(grid, MESH_AXES)
+  grid = np.array(devices[:n], dtype=object).reshape(nodes // ep_nodes, ep_nodes, gpus_per_node)
+  return jax.sharding.Mesh(grid, (REPLICA_AXIS,) + MESH_AXES)
 
 
 def shard_model(model, mesh) -> None:

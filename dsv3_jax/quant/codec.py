@@ -367,3 +367,26 @@ def unpack_bits(packed: jax.Array, bits: int, d: int) -> jax.Array:
   planes = flat.reshape(*packed.shape[:-1], d, bits).astype(jnp.uint16)
   weights = (1 << jnp.arange(bits - 1, -1, -1, dtype=jnp.uint16)).astype(jnp.uint16)
   return jnp.sum(planes * weights, axis=-1, dtype=jnp.uint16).astype(out)
+
+
+PAYLOAD_FORMATS = ("compute", "bf16", "fp8", "logfmt4 .. logfmt16")
+
+
+def codec_from_name(name: str):
+  """The wire codec for a config name: "compute" (None: the compute dtype, no codec), "bf16",
+  "fp8" (E4M3, 1x128 tiles, power-of-two scales: the report's dispatch), "logfmtN" (N = 4..16).
+
+  Raises:
+    ValueError: any other name (lists the allowed ones).
+  """
+  if name == "compute":
+    return None
+  if name == "bf16":
+    return IdentityCodec("bfloat16")
+  if name == "fp8":
+    return Fp8Codec(fmt="e4m3", tile=128, pow2_scale=True)
+  if isinstance(name, str) and name.startswith("logfmt") and name[6:].isdigit():
+    bits = int(name[6:])
+    if 4 <= bits <= 16:
+      return LogFmtCodec(bits=bits)
+  raise ValueError(f"payload format {name!r}; allowed: {PAYLOAD_FORMATS}")

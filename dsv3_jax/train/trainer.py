@@ -190,7 +190,7 @@ def make_step_fns(graphdef, optimizer, model_cfg: ModelConfig, train_cfg, seq_le
   depth = model_cfg.mtp_depth
   gamma = float(train_cfg.bias_update_speed)
   mtp_w, alpha = float(train_cfg.mtp_loss_weight), float(train_cfg.balance_loss_alpha)
-  axes = ("node", "gpu")
+  axes = tuple(mesh.axis_names) if mesh is not None else ()
   n_dev = 1 if mesh is None else mesh.size
   mean = (lambda x: jax.lax.pmean(x, axes)) if mesh is not None else (lambda x: x)
 
@@ -302,16 +302,22 @@ def validate(cfg) -> ModelConfig:
         f"the mesh mesh.nodes x mesh.gpus_per_node = {nodes} x {gpus} needs {n_dev} devices but "
         f"jax has {have}; set XLA_FLAGS=--xla_force_host_platform_device_count={n_dev} before "
         "importing jax (dsv3-train does this)")
-  if model_cfg.n_routed_experts % n_dev:
+  ep_nodes = cfg.mesh.get("ep_nodes") or nodes
+  if not isinstance(ep_nodes, int) or ep_nodes < 1 or nodes % ep_nodes:
+    raise ValueError(f"mesh.ep_nodes={ep_nodes!r} must be a positive divisor of "
+                     f"mesh.nodes={nodes}")
+  ep = ep_nodes * gpus
+  if model_cfg.n_routed_experts % ep:
     raise ValueError(
         f"model.n_routed_experts={model_cfg.n_routed_experts} is not divisible by the "
-        f"expert-parallel size mesh.nodes x mesh.gpus_per_node = {n_dev}; allowed: a multiple "
-        f"of {n_dev}")
-  if nodes > 1 and model_cfg.n_group != nodes:
+        f"expert-parallel size mesh.ep_nodes x mesh.gpus_per_node = {ep}; allowed: a multiple "
+        f"of {ep}")
+  if ep_nodes > 1 and model_cfg.n_group != ep_nodes:
     raise ValueError(
-        f"model.n_group={model_cfg.n_group} must equal mesh.nodes={nodes}: expert groups are "
-        "nodes, so that model.topk_group bounds the nodes a token reaches (node-limited "
-        "routing, report §2.1.2)")
+        f"model.n_group={model_cfg.n_group} must equal the {ep_nodes} nodes of the "
+        "expert-parallel group (mesh.ep_nodes, default mesh.nodes): expert groups are nodes, so "
+        "that model.topk_group bounds the nodes a token reaches (node-limited routing, report "
+        "§2.1.2)")
   t = cfg.train
   for name in ("batch_size", "steps", "log_every", "eval_every", "checkpoint_every"):
     v = t[name]
@@ -332,6 +338,24 @@ def validate(cfg) -> ModelConfig:
     raise ValueError(f"data.heldout_fraction must be in (0, 1), got {cfg.data.heldout_fraction}")
   data_lib.list_corpus_files(cfg.data.paths)  # raises on a missing path / no files
   return model_cfg
+
+
+def _link_bytes(metrics, moe, model_cfg: ModelConfig) -> dict[str, float]:
+  """Per-step bytes per link class: token rows x the wire bytes of one row, dispatch plus
+  combine (each row that goes out comes back), for the rows carrying tokens and for the padded
+  buffers the all_to_alls actually move. Metadata (expert ids, gates) is not counted."""
+  if moe is None:
+    return {}
+  from dsv3_jax.parallel.dispatch import payload_bytes_per_row
+
+  d, dt = model_cfg.hidden_size, model_cfg.dtype
+  per_row = (payload_bytes_per_row(moe.schedule.dispatch_codec, d, dt) +
+             payload_bytes_per_row(moe.schedule.combine_codec, d, dt))
+  out = {}
+  for k in ("rows_inter_node", "rows_intra_node", "buffer_rows_inter_node",
+            "buffer_rows_intra_node"):
+    out[k.replace("rows", "bytes")] = float(metrics[k]) * per_row
+  return out
 
 
 def _eval_loss(fns: StepFns, params, other, windows: np.ndarray, batch_size: int,
@@ -374,9 +398,9 @@ def train(cfg, *, progress: bool = True, log: Callable[[str], None] = print) -> 
   model_cfg = validate(cfg)
   t, dcfg = cfg.train, cfg.data
   corpus = data_lib.load_corpus(dcfg.paths, dcfg.heldout_fraction)
-  h1, h2 = data_lib.byte_entropies(corpus.train)
+  h1, h2 = data_lib.byte_entropies(corpus.heldout)
   log(f"data: {corpus.n_train_files} train files ({len(corpus.train) / 1e6:.2f} MB), "
-      f"{corpus.n_heldout_files} held-out ({len(corpus.heldout) / 1e6:.2f} MB); train byte "
+      f"{corpus.n_heldout_files} held-out ({len(corpus.heldout) / 1e6:.2f} MB); held-out byte "
       f"entropy: unigram {h1:.3f}, bigram conditional {h2:.3f} nats")
   depth = model_cfg.mtp_depth
   seq = dcfg.seq_len
@@ -386,7 +410,8 @@ def train(cfg, *, progress: bool = True, log: Callable[[str], None] = print) -> 
                                    batch_size=t.batch_size, seed=dcfg.seed)
 
   n_dev = cfg.mesh.nodes * cfg.mesh.gpus_per_node
-  mesh = make_mesh(cfg.mesh.nodes, cfg.mesh.gpus_per_node) if n_dev > 1 else None
+  mesh = (make_mesh(cfg.mesh.nodes, cfg.mesh.gpus_per_node, cfg.mesh.get("ep_nodes"))
+          if n_dev > 1 else None)
   model = Transformer(model_cfg, mesh=mesh, rngs=nnx.Rngs(t.seed))
   if mesh is not None:
     shard_model(model, mesh)
@@ -401,7 +426,7 @@ def train(cfg, *, progress: bool = True, log: Callable[[str], None] = print) -> 
         opt_state)
     sh = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
     p_sh, o_sh, opt_sh = sh(params), sh(other), sh(opt_state)
-    batch_sharding = NamedSharding(mesh, P(("node", "gpu")))
+    batch_sharding = NamedSharding(mesh, P(tuple(mesh.axis_names)))
     put = lambda x: jax.device_put(np.asarray(x), batch_sharding)
   else:
     p_sh = o_sh = opt_sh = None
@@ -459,7 +484,7 @@ def train(cfg, *, progress: bool = True, log: Callable[[str], None] = print) -> 
       st = float(np.median(recent))
       last = dict(to_python(metrics), step=done, step_time_s=st,
                   tokens_per_s=tokens_per_step / st, capacity=list(capacity),
-                  recompiles=recompiles)
+                  recompiles=recompiles, **_link_bytes(metrics, moe0, model_cfg))
       writer.write(last)
       write(format_line(last))
     if done % t.eval_every == 0 or done == t.steps:
@@ -485,3 +510,40 @@ def train(cfg, *, progress: bool = True, log: Callable[[str], None] = print) -> 
   log(f"held-out loss {heldout:.4f} nats/byte (bigram entropy {h2:.3f}) | step "
       f"{summary['step_time_s']:.3f} s | {summary['tokens_per_s']:.0f} tokens/s")
   return summary
+
+
+def load_trained(workdir: str, *, step: Optional[int] = None, mesh=None):
+  """The model of a training run, restored from its checkpoints (newest unless `step`).
+
+  Reads `<workdir>/config.json`; by default the model is rebuilt on one device (no mesh), which
+  is what analysis scripts want; pass a mesh to keep expert parallelism.
+
+  Returns:
+    (config ConfigDict, Transformer with the trained parameters and router biases, step).
+
+  Raises:
+    FileNotFoundError: no config.json or no checkpoint in `workdir`.
+  """
+  import json
+  import os
+
+  from ml_collections import config_dict
+
+  from dsv3_jax.train.checkpoint import Checkpointer
+
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: not a training run directory")
+  with open(path) as f:
+    cfg = config_dict.ConfigDict(json.load(f))
+  model_cfg = ModelConfig.from_dict(cfg.model.to_dict())
+  model = Transformer(model_cfg, mesh=mesh, rngs=nnx.Rngs(0))
+  graphdef, params, other = nnx.split(model, nnx.Param, ...)
+  opt_state = make_optimizer(cfg.train).init(params)
+  ckpt = Checkpointer(workdir, save_every=cfg.train.checkpoint_every)
+  step = ckpt.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint under {ckpt.directory}")
+  state, _ = ckpt.restore(step, {"params": params, "other": other, "opt_state": opt_state})
+  ckpt.close()
+  return cfg, nnx.merge(graphdef, state["params"], state["other"]), step
