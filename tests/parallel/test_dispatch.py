@@ -158,3 +158,37 @@ def test_bad_expert_parallel_size_is_refused():
   with pytest.raises(ValueError, match="n_routed_experts=12 is not divisible"):
     DeepSeekMoE(SMALL.replace(n_routed_experts=12, n_group=2), mesh=make_mesh(2, 4),
                 rngs=nnx.Rngs(0))
+
+
+def test_link_copies_counting_rule_matches_the_running_schedules():
+  nodes, gpus, t_local, k = 2, 4, 6, 3
+  x, idx, w, wg, wu, wd = _setup(nodes, gpus, t_local, 2, k, seed=5)
+  n_dev, e = nodes * gpus, wg.shape[0]
+  topo = dispatch.EPTopology(nodes, gpus)
+  src_node = np.repeat(np.arange(n_dev) // gpus, t_local)
+  c = dispatch.link_copies(np.asarray(idx), src_node, e // nodes)
+  valid = jnp.ones(x.shape[0], bool)
+  for name, key in (("flat", "flat_inter"), ("two_hop", "two_hop_inter")):
+    sched = dispatch.get_schedule(name)
+    cap = sched.worst_case_capacity(t_local, e, k, topo, nodes)
+    _, st = _ep_fn(make_mesh(nodes, gpus), sched, topo, cap, e)(x, idx, w, valid, wg, wu, wd)
+    assert float(st.rows_inter_node) == c[key].sum()
+  assert np.all(c["two_hop_inter"] <= c["flat_inter"])
+  assert np.all(c["nodes_reached"] <= nodes)
+
+
+@pytest.mark.parametrize("payload", ["fp8", "bf16"])
+def test_dispatch_payload_codec_runs_and_reports_wire_bytes(payload):
+  from dsv3_jax.quant.codec import codec_from_name
+  codec = codec_from_name(payload)
+  assert dispatch.payload_bytes_per_row(codec, 256, jnp.float32) == codec.bytes_per_row(256)
+  assert dispatch.payload_bytes_per_row(None, 256, jnp.float32) == 1024
+  nodes, gpus, t_local, k = 2, 4, 4, 2
+  x, idx, w, wg, wu, wd = _setup(nodes, gpus, t_local, 1, k, d=128, seed=2)
+  topo = dispatch.EPTopology(nodes, gpus)
+  sched = dispatch.get_schedule("two_hop", dispatch_codec=codec)
+  cap = sched.worst_case_capacity(t_local, wg.shape[0], k, topo, nodes)
+  y, _ = _ep_fn(make_mesh(nodes, gpus), sched, topo, cap, wg.shape[0])(
+      x, idx, w, jnp.ones(x.shape[0], bool), wg, wu, wd)
+  ref = dispatch.moe_dense_reference(codec.qdq(x), idx, w, wg, wu, wd)  # payload quantized once
+  np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
