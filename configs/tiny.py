@@ -50,6 +50,14 @@ def get_config() -> config_dict.ConfigDict:
       capacity_factor=1.25,
       dispatch_payload="compute",
       combine_payload="compute",
+      # FP8 training (report §3.3; see dsv3_jax/model/config.py and configs/orion_4x8_fp8.py).
+      fp8=False,
+      fp8_layers=("attention_projections", "dense_mlp", "shared_experts", "routed_experts"),
+      fp8_format="e4m3",
+      fp8_grad_format="e4m3",
+      fp8_pow2_scale=True,
+      fp8_accumulator_mantissa_bits=config_dict.placeholder(int),
+      fp8_promotion_interval=128,
   ))
   # Emulated topology: nodes x GPUs per node = devices (XLA_FLAGS is set from this).
   # ep_nodes: nodes per expert-parallel group (None = all; fewer adds data parallelism across

@@ -1,8 +1,8 @@
 """DeepSeek-V3 model configuration.
 
 Field names follow the Hugging Face ``DeepseekV3Config`` (``config.json``), so a checkpoint's
-config maps one-to-one; the few execution settings that Hugging Face does not have
-(``dtype``, ``dispatch``, ``capacity_factor``) come last.
+config maps one-to-one; the execution settings that Hugging Face does not have (``dtype``,
+``dispatch``, ``capacity_factor``, the payload formats and the FP8 recipe ``fp8*``) come last.
 
 `ModelConfig.validate` checks every constraint the modules rely on and raises `ValueError`
 naming the offending setting and the allowed values, before any parameter is allocated.
@@ -16,6 +16,11 @@ from typing import Any, Mapping, Optional
 
 DISPATCH_SCHEDULES = ("flat", "two_hop")
 COMPUTE_DTYPES = ("float32", "bfloat16")
+# Layer families that `fp8=True` can run in FP8 (DeepSeek-V3 report §3.3.1, Figure 6: the GEMMs
+# of the MLA projections and of the dense, shared and routed expert MLPs). The embedding, output
+# head, router, norms and the attention core (softmax(q k^T) v) are never FP8.
+FP8_LAYER_FAMILIES = ("attention_projections", "dense_mlp", "shared_experts", "routed_experts")
+FP8_FORMATS = ("e4m3", "e5m2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +96,30 @@ class ModelConfig:
   # compute dtype), "bf16", "fp8" (E4M3 + 1x128 power-of-two scales, report §3.3.2), "logfmtN".
   dispatch_payload: str = "compute"
   combine_payload: str = "compute"
+  # FP8 training (report §3.3; `quant.fp8.Fp8Recipe`). With `fp8` set, the GEMMs of the layer
+  # families in `fp8_layers` (a subset of FP8_LAYER_FAMILIES; default all four, the report's
+  # set) quantize their activations per 1 x 128 tile, their weights per 128 x 128 block and, in
+  # the backward pass, their output gradients per 1 x 128 tile; master weights, gradients and
+  # optimizer state stay float32. Embedding, head, router, norms and attention core never do.
+  fp8: bool = False
+  fp8_layers: tuple = FP8_LAYER_FAMILIES
+  fp8_format: str = "e4m3"  # forward activations and weights (report: E4M3 everywhere)
+  fp8_grad_format: str = "e4m3"  # backward output gradients ("e5m2" = the usual hybrid recipe)
+  # Power-of-two scales (exact dequantization by an exponent shift; the report uses them for
+  # the dispatched MoE inputs, §3.3.3). With them, FP8 dispatch followed by the experts' own
+  # tile quantization rounds each value once, not twice.
+  fp8_pow2_scale: bool = True
+  # Emulate the tensor-core accumulator (`quant.fp8.accumulate_dot`): None = exact FP32
+  # accumulation of the FP8 products (the fast default); an int = fraction bits kept (13 =
+  # FP22), promoted to FP32 every `fp8_promotion_interval` products (N_C = 128; None = never).
+  fp8_accumulator_mantissa_bits: Optional[int] = None
+  fp8_promotion_interval: Optional[int] = 128
+
+  def __post_init__(self):
+    # JSON (a run's config.json) and ConfigDict hand sequences back as lists; the config must
+    # stay hashable (modules keep it as static metadata).
+    if isinstance(self.fp8_layers, list):
+      object.__setattr__(self, "fp8_layers", tuple(self.fp8_layers))
 
   # ------------------------------------------------------------------ derived sizes
   @property
@@ -104,6 +133,25 @@ class ModelConfig:
   @property
   def mtp_depth(self) -> int:
     return self.num_nextn_predict_layers
+
+  def fp8_recipe(self, family: str):
+    """The `quant.fp8.Fp8Recipe` of layer family `family`, or None when it is not FP8.
+
+    Args:
+      family: one of FP8_LAYER_FAMILIES.
+
+    Raises:
+      ValueError: an unknown family.
+    """
+    if family not in FP8_LAYER_FAMILIES:
+      raise ValueError(f"FP8 layer family {family!r}; allowed: {FP8_LAYER_FAMILIES}")
+    if not self.fp8 or family not in self.fp8_layers:
+      return None
+    from dsv3_jax.quant.fp8 import Fp8Recipe
+    return Fp8Recipe(fmt_forward=self.fp8_format, fmt_backward=self.fp8_grad_format,
+                     pow2_scale=self.fp8_pow2_scale,
+                     accumulator_mantissa_bits=self.fp8_accumulator_mantissa_bits,
+                     promotion_interval=self.fp8_promotion_interval)
 
   def is_moe_layer(self, layer: int) -> bool:
     """Whether decoder layer `layer` (0-based; MTP blocks count after the main stack) is MoE."""
@@ -166,6 +214,7 @@ class ModelConfig:
         codec_from_name(getattr(self, name))
       except ValueError as e:
         raise ValueError(f"model.{name}: {e}") from None
+    self._validate_fp8()
     if not (isinstance(self.capacity_factor, (int, float)) and self.capacity_factor > 0):
       raise ValueError(f"model.capacity_factor must be > 0, got {self.capacity_factor!r}")
     if self.rope_scaling is not None:
@@ -178,6 +227,33 @@ class ModelConfig:
         raise ValueError("model.rope_scaling.original_max_position_embeddings must be > 0, "
                          f"got {rs.original_max_position_embeddings}")
     return self
+
+  def _validate_fp8(self) -> None:
+    for name in ("fp8", "fp8_pow2_scale"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"model.{name} must be True or False, got {getattr(self, name)!r}")
+    layers = self.fp8_layers
+    if (not isinstance(layers, tuple) or not all(isinstance(f, str) for f in layers)
+        or len(set(layers)) != len(layers)):
+      raise ValueError(f"model.fp8_layers must be a tuple of distinct names, got {layers!r}; "
+                       f"allowed names: {FP8_LAYER_FAMILIES}")
+    bad = [f for f in layers if f not in FP8_LAYER_FAMILIES]
+    if bad:
+      raise ValueError(f"model.fp8_layers has unknown name(s) {bad}; allowed: "
+                       f"{FP8_LAYER_FAMILIES}")
+    for name in ("fp8_format", "fp8_grad_format"):
+      if getattr(self, name) not in FP8_FORMATS:
+        raise ValueError(f"model.{name}={getattr(self, name)!r}; allowed: {FP8_FORMATS}")
+    bits, interval = self.fp8_accumulator_mantissa_bits, self.fp8_promotion_interval
+    if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int)
+                             or not 1 <= bits <= 23):
+      raise ValueError(f"model.fp8_accumulator_mantissa_bits must be None or an int in "
+                       f"[1, 23] (13 = FP22), got {bits!r}")
+    if interval is not None and (isinstance(interval, bool) or not isinstance(interval, int)
+                                 or interval < 1 or (bits is not None and interval % 32)):
+      raise ValueError(f"model.fp8_promotion_interval must be None or a positive integer (a "
+                       f"multiple of the 32 products aligned per accumulator update when "
+                       f"model.fp8_accumulator_mantissa_bits is set), got {interval!r}")
 
   # ------------------------------------------------------------------ (de)serialisation
   @classmethod

@@ -32,7 +32,10 @@ class MultiHeadLatentAttention(nnx.Module):
     c = config
     self.config = c
     dtype = jnp.dtype(c.dtype)
-    kw = dict(dtype=dtype, init_std=c.initializer_range, rngs=rngs)
+    # The projections run in FP8 when `attention_projections` is an FP8 family (report §3.3);
+    # the attention core (softmax(q k^T) v) never does.
+    kw = dict(dtype=dtype, init_std=c.initializer_range,
+              fp8_recipe=c.fp8_recipe("attention_projections"), rngs=rngs)
     h = c.num_attention_heads
     if c.q_lora_rank is None:
       self.q_proj = Linear(c.hidden_size, h * c.qk_head_dim, **kw)

@@ -176,14 +176,15 @@ class DeepSeekMoE(nnx.Module):
       self.topology = dispatch_lib.EPTopology()
     self.topology.experts_per_device(c.n_routed_experts)  # validates divisibility
     self.schedule = dispatch_lib.get_schedule(c.dispatch, codec_from_name(c.dispatch_payload),
-                                              codec_from_name(c.combine_payload))
+                                              codec_from_name(c.combine_payload),
+                                              c.fp8_recipe("routed_experts"))
     self.gate = Router(c, rngs=rngs)
     self.experts = RoutedExperts(c, expert_axes=self.topology.axes if mesh is not None else None,
                                  rngs=rngs)
     if c.n_shared_experts:
       self.shared_experts = MLP(c.hidden_size, c.moe_intermediate_size * c.n_shared_experts,
                                 dtype=jnp.dtype(c.dtype), init_std=c.initializer_range,
-                                rngs=rngs)
+                                fp8_recipe=c.fp8_recipe("shared_experts"), rngs=rngs)
     else:
       self.shared_experts = None
 

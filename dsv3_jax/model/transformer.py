@@ -37,7 +37,8 @@ class DecoderLayer(nnx.Module):
       self.mlp = DeepSeekMoE(c, mesh=mesh, rngs=rngs)
     else:
       self.mlp = MLP(c.hidden_size, c.intermediate_size, dtype=jnp.dtype(c.dtype),
-                     init_std=c.initializer_range, rngs=rngs)
+                     init_std=c.initializer_range, fp8_recipe=c.fp8_recipe("dense_mlp"),
+                     rngs=rngs)
 
   def __call__(self, h, cos, sin, *, mask=None, capacity=None):
     """h: [B, S, D] -> ([B, S, D], MoEStats or None)."""
@@ -63,6 +64,7 @@ class MultiTokenPrediction(nnx.Module):
     c = config
     self.enorm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
     self.hnorm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
+    # Not an FP8 family: the report's FP8 list (§3.3.1) names the MLA and MLP GEMMs only.
     self.eh_proj = Linear(2 * c.hidden_size, c.hidden_size, dtype=jnp.dtype(c.dtype),
                           init_std=c.initializer_range, rngs=rngs)
     self.block = DecoderLayer(c, layer_idx, mesh=mesh, rngs=rngs)

@@ -32,7 +32,7 @@ from typing import Any, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from dsv3_jax.model.grouped_ffn import grouped_swiglu
+from dsv3_jax.model.grouped_ffn import grouped_swiglu, grouped_swiglu_fp8
 
 # --------------------------------------------------------------------------------- topology
 
@@ -221,17 +221,19 @@ def expert_ffn(h: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Arr
 
 
 def expert_compute(rows: jax.Array, expert: jax.Array, w_gate: jax.Array, w_up: jax.Array,
-                   w_down: jax.Array, *, window: int = 128) -> jax.Array:
+                   w_down: jax.Array, *, window: int = 128, fp8_recipe=None) -> jax.Array:
   """Applies each row's local expert, at the cost of the valid rows only.
 
-  Rows are stably sorted by expert (invalid rows last), run through `grouped_swiglu`, and put
-  back in their original order.
+  Rows are stably sorted by expert (invalid rows last), run through `grouped_swiglu` (or
+  `grouped_swiglu_fp8` when `fp8_recipe` is set, report §3.3), and put back in their original
+  order.
 
   Args:
     rows: [N, D] (compute dtype).
     expert: [N] int32 local expert id in [0, E_l), or -1 for an empty buffer row.
     w_gate, w_up: [E_l, D, F]; w_down: [E_l, F, D].
     window: rows per matmul in the grouped kernel.
+    fp8_recipe: a `quant.fp8.Fp8Recipe` to run the expert GEMMs in FP8, or None.
 
   Returns:
     [N, D]: FFN_{expert[r]}(rows[r]), zero where expert[r] < 0.
@@ -245,8 +247,12 @@ def expert_compute(rows: jax.Array, expert: jax.Array, w_gate: jax.Array, w_up: 
   bounds = jnp.searchsorted(key[order], jnp.arange(e_local + 1, dtype=jnp.int32), side="left")
   seg_start, seg_len = bounds[:-1], bounds[1:] - bounds[:-1]
   sorted_rows = take_rows(rows, order, position[:, None])
-  out = grouped_swiglu(sorted_rows, seg_start.astype(jnp.int32), seg_len.astype(jnp.int32),
-                       jnp.arange(e_local, dtype=jnp.int32), w_gate, w_up, w_down, window)
+  segs = (seg_start.astype(jnp.int32), seg_len.astype(jnp.int32),
+          jnp.arange(e_local, dtype=jnp.int32))
+  if fp8_recipe is None:
+    out = grouped_swiglu(sorted_rows, *segs, w_gate, w_up, w_down, window)
+  else:
+    out = grouped_swiglu_fp8(sorted_rows, *segs, w_gate, w_up, w_down, window, fp8_recipe)
   out = take_rows(out, position, order[:, None])
   return jnp.where((expert >= 0)[:, None], out, jnp.zeros((), out.dtype))
 
@@ -283,12 +289,13 @@ def _round_capacity(x: float, worst: int) -> int:
 # ------------------------------------------------------------------------ schedules
 
 
-def _local_moe(x, idx, weight, w_gate, w_up, w_down, n_experts, hops, topo):
+def _local_moe(x, idx, weight, w_gate, w_up, w_down, n_experts, hops, topo, fp8_recipe=None):
   """All experts on this device: every (token, expert) pair is computed (dropless)."""
   t, d = x.shape
   k = idx.shape[1]
   flat = idx.reshape(-1)
-  out = expert_compute(jnp.repeat(x, k, axis=0), flat, w_gate, w_up, w_down)
+  out = expert_compute(jnp.repeat(x, k, axis=0), flat, w_gate, w_up, w_down,
+                       fp8_recipe=fp8_recipe)
   y = jnp.einsum("tkd,tk->td", out.reshape(t, k, d), weight.astype(out.dtype))
   zero = jnp.float32(0.0)
   stats = DispatchStats(
@@ -310,11 +317,13 @@ class FlatSchedule:
   A token whose k experts sit on one remote node crosses the inter-node fabric k times.
   Capacity: (C,), rows per (source device, destination device).
   `dispatch_codec` / `combine_codec` (from `dsv3_jax.quant.codec`, None = the compute dtype)
-  set the wire format of the token payloads going out and coming back.
+  set the wire format of the token payloads going out and coming back; `expert_recipe` (a
+  `quant.fp8.Fp8Recipe`, None = compute dtype) runs the routed experts' GEMMs in FP8.
   """
 
   dispatch_codec: Any = None
   combine_codec: Any = None
+  expert_recipe: Any = None
   name = "flat"
   hops = 1
 
@@ -344,7 +353,8 @@ class FlatSchedule:
     """
     idx = jnp.where(valid[:, None], topk_idx, -1)
     if topo.n_devices == 1:
-      return _local_moe(x, idx, topk_weight, w_gate, w_up, w_down, n_experts, self.hops, topo)
+      return _local_moe(x, idx, topk_weight, w_gate, w_up, w_down, n_experts, self.hops, topo,
+                        self.expert_recipe)
     (cap,) = capacity
     t, d = x.shape
     k = idx.shape[1]
@@ -359,7 +369,7 @@ class FlatSchedule:
     a2a = lambda v: _all_to_all(v.reshape((n_dev, cap) + v.shape[1:]), topo.axes,
                                 n_dev).reshape(v.shape)
     out = expert_compute(_send(self.dispatch_codec, send, a2a), a2a(send_e), w_gate, w_up,
-                         w_down)
+                         w_down, fp8_recipe=self.expert_recipe)
     per_pair = take_rows(_send(self.combine_codec, out, a2a), s.slot,
                          s.src[:, None]).reshape(t, k, d)
     y = jnp.einsum("tkd,tk->td", per_pair, topk_weight.astype(per_pair.dtype))
@@ -399,6 +409,7 @@ class TwoHopSchedule:
 
   dispatch_codec: Any = None
   combine_codec: Any = None
+  expert_recipe: Any = None
   name = "two_hop"
   hops = 2
 
@@ -421,7 +432,8 @@ class TwoHopSchedule:
     """Same contract as `FlatSchedule.__call__`; capacity is (C1, C2)."""
     idx = jnp.where(valid[:, None], topk_idx, -1)
     if topo.n_devices == 1:
-      return _local_moe(x, idx, topk_weight, w_gate, w_up, w_down, n_experts, self.hops, topo)
+      return _local_moe(x, idx, topk_weight, w_gate, w_up, w_down, n_experts, self.hops, topo,
+                        self.expert_recipe)
     c1, c2 = capacity
     t, d = x.shape
     k = idx.shape[1]
@@ -455,7 +467,7 @@ class TwoHopSchedule:
     hop2 = lambda v: _all_to_all(v.reshape((g, c2) + v.shape[1:]), topo.gpu_axis,
                                  g).reshape(v.shape)
     out = expert_compute(_send(self.dispatch_codec, send2, hop2), hop2(send2_e), w_gate, w_up,
-                         w_down)
+                         w_down, fp8_recipe=self.expert_recipe)
     per_pair = take_rows(_send(self.combine_codec, out, hop2), s2.slot,
                          s2.src[:, None]).reshape(r2, k, d)
     node_sum = jnp.einsum("rkd,rk->rd", per_pair, rw.astype(per_pair.dtype))  # in-node reduce
@@ -484,8 +496,9 @@ class TwoHopSchedule:
 SCHEDULES = {"flat": FlatSchedule, "two_hop": TwoHopSchedule}
 
 
-def get_schedule(name: str, dispatch_codec=None, combine_codec=None):
-  """The schedule `name` (a key of SCHEDULES) with the given payload codecs.
+def get_schedule(name: str, dispatch_codec=None, combine_codec=None, expert_recipe=None):
+  """The schedule `name` (a key of SCHEDULES) with the given payload codecs and the routed
+  experts' FP8 recipe (None: compute dtype).
 
   Raises:
     ValueError: unknown name (lists the allowed ones).
@@ -494,7 +507,8 @@ def get_schedule(name: str, dispatch_codec=None, combine_codec=None):
     cls = SCHEDULES[name]
   except KeyError:
     raise ValueError(f"model.dispatch={name!r}; allowed: {tuple(SCHEDULES)}") from None
-  return cls(dispatch_codec=dispatch_codec, combine_codec=combine_codec)
+  return cls(dispatch_codec=dispatch_codec, combine_codec=combine_codec,
+             expert_recipe=expert_recipe)
 
 
 def payload_bytes_per_row(codec, d: int, dtype) -> int:

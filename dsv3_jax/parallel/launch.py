@@ -1,0 +1,532 @@
+"""A local multi-controller launcher: P processes x L devices, joined by `jax.distributed`.
+
+One process can emulate at most 256 CPU devices that take part in collectives (XLA:CPU blocks
+one intra-op thread per device in a collective and caps the pool at 256 threads, NOTES-2048),
+so larger emulated clusters run as several processes, each with L local CPU devices, joined by
+`jax.distributed.initialize` and gloo CPU collectives: the multi-controller model of a real
+multi-host cluster. The worker side (`worker_main`) is the same code a cluster would run on each
+host; only how the processes are started (this module's `launch`, or a cluster scheduler
+running `python -m dsv3_jax.parallel.launch worker ...` on every host) changes.
+
+    result = launch("experiments.scale_2048_worker:moe_step", n_devices=2048, processes=32,
+                    kwargs={"schedule": "two_hop"}, group_sizes=(256, 8))
+    result.results[0]        # process 0's return value (a JSON-able dict)
+    result.peak_rss_total    # bytes, sampled sum over the processes
+
+CLI (runs a target and prints the per-process results as JSON):
+
+    python -m dsv3_jax.parallel.launch run --devices 8 --processes 2 \
+        --target tests/parallel/test_launch.py:two_hop_worker --kwargs '{}'
+
+Limits it checks before starting anything (`check_layout`): P divides N, L <= 256, and gloo's
+open files L x sum(group size - 1) + 50 (one socket per local device and peer of each
+communicator, plus the runtime's own) under the process's open-file limit.
+
+Source: NOTES-2048 (measured limits of jax 0.10.2 on XLA:CPU with gloo).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import dataclasses
+import importlib
+import importlib.util
+import json
+import os
+import resource
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Optional, Sequence
+
+MAX_LOCAL_DEVICES = 256  # XLA:CPU kMaxIntraOpThreads (NOTES-2048)
+FD_OVERHEAD = 50  # open files of a jax process besides gloo's sockets (NOTES-2048)
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_DEVICE_FLAG = "--xla_force_host_platform_device_count"
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+def open_file_limit() -> int:
+  """This process's soft RLIMIT_NOFILE (children inherit it)."""
+  return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def estimate_open_files(local_devices: int, group_sizes: Sequence[int]) -> int:
+  """Open files one worker process needs for gloo collectives.
+
+  Gloo connects every local device to each peer of every communicator (one per distinct
+  replica-group partition the program uses), one socket each: L x sum(size - 1), plus
+  `FD_OVERHEAD` for the runtime (NOTES-2048, measured on jax 0.10.2).
+
+  Args:
+    local_devices: L, devices per process.
+    group_sizes: size of each distinct replica-group partition (e.g. (256, 8) for the `node`
+      and `gpu` axes of a (256, 8) mesh; `hlo.group_sizes` reads them from a compiled program).
+
+  Returns:
+    The estimated number of open files per process.
+  """
+  return local_devices * sum(max(int(g) - 1, 0) for g in group_sizes) + FD_OVERHEAD
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """N devices as P processes of L = N / P local devices each (process i holds devices
+  i*L .. (i+1)*L - 1 of the global device list)."""
+
+  n_devices: int
+  processes: int
+  group_sizes: tuple[int, ...] = ()
+
+  @property
+  def local_devices(self) -> int:
+    return self.n_devices // self.processes
+
+  @property
+  def open_files(self) -> int:
+    """Estimated open files per process (0 for one process: no gloo)."""
+    if self.processes == 1:
+      return 0
+    return estimate_open_files(self.local_devices, self.group_sizes)
+
+
+def check_layout(n_devices: int, processes: int, group_sizes: Sequence[int] = (),
+                 fd_limit: Optional[int] = None,
+                 max_local_devices: int = MAX_LOCAL_DEVICES) -> Layout:
+  """Validates a process layout before anything is started.
+
+  Args:
+    n_devices: N, total emulated devices.
+    processes: P, processes (N / P devices each).
+    group_sizes: replica-group sizes of the program's distinct collectives (see
+      `estimate_open_files`); () skips the open-file check.
+    fd_limit: open-file limit per process (default: this process's soft RLIMIT_NOFILE).
+    max_local_devices: devices per process that can block in a collective at once (256 on
+      XLA:CPU).
+
+  Returns:
+    The `Layout`.
+
+  Raises:
+    ValueError: a non-positive count, N not divisible by P, more than `max_local_devices` per
+      process, or an estimated open-file count over the limit (each message names the setting,
+      its value and what would work).
+  """
+  for name, v in (("n_devices", n_devices), ("processes", processes)):
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+      raise ValueError(f"launch: {name} must be a positive integer, got {v!r}")
+  if n_devices % processes:
+    divisors = [p for p in range(1, n_devices + 1) if n_devices % p == 0]
+    raise ValueError(f"launch: n_devices={n_devices} is not divisible by processes={processes};"
+                     f" allowed processes: {divisors}")
+  layout = Layout(n_devices, processes, tuple(int(g) for g in group_sizes))
+  if layout.local_devices > max_local_devices:
+    need = -(-n_devices // max_local_devices)
+    raise ValueError(
+        f"launch: {layout.local_devices} devices per process (n_devices={n_devices} / "
+        f"processes={processes}) exceeds {max_local_devices}, the devices XLA:CPU can block in "
+        f"one collective per process (its intra-op thread cap); use processes >= {need}")
+  if processes > 1 and group_sizes:
+    limit = open_file_limit() if fd_limit is None else fd_limit
+    if layout.open_files > limit:
+      fits = [p for p in range(processes, n_devices + 1)
+              if n_devices % p == 0 and Layout(n_devices, p, layout.group_sizes).open_files
+              <= limit]
+      hint = (f"use processes >= {fits[0]}" if fits else
+              "no process count fits: reduce the largest group (e.g. reduce hierarchically)")
+      raise ValueError(
+          f"launch: processes={processes} gives {layout.local_devices} devices per process; "
+          f"gloo needs about {layout.local_devices} x sum(group size - 1 for group sizes "
+          f"{list(layout.group_sizes)}) + {FD_OVERHEAD} = {layout.open_files} open files per "
+          f"process, over the open-file limit {limit}; {hint}")
+  return layout
+
+
+def min_processes(n_devices: int, group_sizes: Sequence[int] = (),
+                  fd_limit: Optional[int] = None) -> int:
+  """The fewest processes `check_layout` accepts for N devices and these group sizes.
+
+  Raises:
+    ValueError: no divisor of n_devices gives a valid layout.
+  """
+  for p in range(1, n_devices + 1):
+    if n_devices % p:
+      continue
+    try:
+      check_layout(n_devices, p, group_sizes, fd_limit)
+      return p
+    except ValueError:
+      continue
+  raise ValueError(f"launch: no process count works for n_devices={n_devices} with group "
+                   f"sizes {list(group_sizes)} (open-file limit "
+                   f"{open_file_limit() if fd_limit is None else fd_limit})")
+
+
+def free_port() -> int:
+  """A TCP port on 127.0.0.1 that was free a moment ago (for the coordinator)."""
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------- launcher
+
+
+@dataclasses.dataclass
+class LaunchResult:
+  """What `launch` measured.
+
+  results: each process's return value, by process id.
+  peak_rss: [P] bytes, each process's peak resident set (getrusage, from the worker).
+  peak_rss_total: bytes, the largest sum of the processes' resident sets seen by the
+    launcher's sampling (every `poll_s`); <= sum(peak_rss).
+  wall_s: seconds from the first spawn to the last exit.
+  log_dir: directory holding process_<i>.log (stdout + stderr of each process).
+  """
+
+  results: list
+  peak_rss: list
+  peak_rss_total: int
+  wall_s: float
+  log_dir: str
+  layout: Layout
+
+
+class LaunchError(RuntimeError):
+  """A worker failed or the job timed out; the message carries the failing log's tail."""
+
+
+def _rss_bytes(pid: int) -> int:
+  try:
+    with open(f"/proc/{pid}/status") as f:
+      for line in f:
+        if line.startswith("VmRSS:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return 0
+
+
+def _tail(path: str, n: int = 4000) -> str:
+  try:
+    with open(path, "rb") as f:
+      f.seek(0, os.SEEK_END)
+      size = f.tell()
+      f.seek(max(0, size - n))
+      return f.read().decode(errors="replace")
+  except OSError:
+    return ""
+
+
+def _child_setup():
+  """In the child, before exec: die with the launcher (PR_SET_PDEATHSIG = SIGKILL)."""
+  try:
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
+  except OSError:
+    pass
+
+
+def launch(target: str, n_devices: int, processes: int, kwargs: Optional[dict] = None, *,
+           group_sizes: Sequence[int] = (), timeout_s: float = 900.0,
+           log_dir: Optional[str] = None, echo: bool = False, poll_s: float = 0.5,
+           env: Optional[dict] = None, python: str = sys.executable,
+           init_timeout_s: int = 600, heartbeat_timeout_s: int = 600,
+           share_binary: bool = True) -> LaunchResult:
+  """Runs `target(**kwargs)` in P local processes that form one N-device JAX cluster.
+
+  Each process emulates L = N / P CPU devices, selects gloo CPU collectives and joins the
+  cluster with `jax.distributed.initialize(coordinator_address="127.0.0.1:<free port>", ...)`
+  (generous timeouts: gloo's first connections are slow at scale), then calls the target,
+  which sees all N devices in `jax.devices()` and its own L in `jax.local_devices()`. With
+  `share_binary`, process 0 compiles each program and the others load its executable through
+  the coordinator's key-value store (`jax_share_binary_between_hosts`): P processes do not
+  compete for the CPU compiling the same program. The processes share one process group; on the
+  first failure, on timeout, on an exception or signal in the launcher, the whole group is
+  killed (SIGKILL), and each child also dies if the launcher dies (PR_SET_PDEATHSIG).
+
+  Args:
+    target: "package.module:function" or "path/to/file.py:function"; the function takes
+      keyword arguments and returns something `json.dumps` accepts.
+    n_devices: N, total devices.
+    processes: P (1 runs a single process without jax.distributed).
+    kwargs: keyword arguments for the target (JSON-serialisable).
+    group_sizes: replica-group sizes of the program's collectives, for the open-file check.
+    timeout_s: wall-clock limit for the whole job, seconds.
+    log_dir: where process_<i>.log and the result files go (default: a new temp directory).
+    echo: copy process 0's output lines to this process's stdout as they arrive.
+    poll_s: seconds between liveness / memory samples.
+    env: extra environment variables for the workers.
+    python: interpreter for the workers.
+    init_timeout_s, heartbeat_timeout_s: `jax.distributed.initialize` timeouts, seconds.
+    share_binary: compile once in process 0 and share the executable (see above).
+
+  Returns:
+    `LaunchResult`.
+
+  Raises:
+    ValueError: an invalid layout (`check_layout`) or a bad target string.
+    LaunchError: a worker exited non-zero or the job ran past `timeout_s` (the processes are
+      killed first; the message names the process and ends with its log's tail).
+  """
+  layout = check_layout(n_devices, processes, group_sizes)
+  if ":" not in target:
+    raise ValueError(f"launch: target={target!r} must be 'module:function' or "
+                     "'file.py:function'")
+  kwargs = {} if kwargs is None else kwargs
+  json.dumps(kwargs)  # fail early on unserialisable arguments
+  log_dir = log_dir or tempfile.mkdtemp(prefix="dsv3_launch_")
+  os.makedirs(log_dir, exist_ok=True)
+  port = free_port()
+  child_env = dict(os.environ)
+  child_env["PYTHONPATH"] = os.pathsep.join(
+      [_REPO_ROOT] + [p for p in child_env.get("PYTHONPATH", "").split(os.pathsep) if p])
+  child_env["PYTHONUNBUFFERED"] = "1"
+  child_env.update(env or {})
+  procs: list[subprocess.Popen] = []
+  logs = []
+  pgid = None
+  start = time.time()
+  previous = {}
+
+  def kill_all(*_):
+    if pgid is not None:
+      try:
+        os.killpg(pgid, signal.SIGKILL)
+      except (ProcessLookupError, PermissionError):
+        pass
+    for p in procs:
+      if p.poll() is None:
+        try:
+          p.kill()
+        except ProcessLookupError:
+          pass
+    for p in procs:
+      try:
+        p.wait(timeout=30)
+      except subprocess.TimeoutExpired:
+        pass
+
+  def on_signal(signum, frame):
+    kill_all()
+    raise KeyboardInterrupt(f"launch: signal {signum}; workers killed")
+
+  for sig in (signal.SIGINT, signal.SIGTERM):
+    try:
+      previous[sig] = signal.signal(sig, on_signal)
+    except ValueError:  # not the main thread
+      pass
+  peak_total = 0
+  echo_pos = 0
+  try:
+    for i in range(processes):
+      cmd = [python, "-m", "dsv3_jax.parallel.launch", "worker", "--target", target,
+             "--kwargs", json.dumps(kwargs), "--result", os.path.join(log_dir, f"result_{i}.json"),
+             "--cpu-devices", str(layout.local_devices)]
+      if processes > 1:
+        cmd += ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(processes),
+                "--process-id", str(i), "--init-timeout", str(init_timeout_s),
+                "--heartbeat-timeout", str(heartbeat_timeout_s)]
+        if share_binary:
+          cmd += ["--share-binary"]
+      log = open(os.path.join(log_dir, f"process_{i}.log"), "wb")
+      logs.append(log)
+      log.write((" ".join(shlex.quote(c) for c in cmd) + "\n").encode())
+      log.flush()
+      p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env,
+                           cwd=_REPO_ROOT, process_group=0 if pgid is None else pgid,
+                           preexec_fn=_child_setup)
+      procs.append(p)
+      if pgid is None:
+        pgid = p.pid
+    while True:
+      codes = [p.poll() for p in procs]
+      peak_total = max(peak_total, sum(_rss_bytes(p.pid) for p in procs if p.poll() is None))
+      if echo:
+        text = _tail(os.path.join(log_dir, "process_0.log"), 1 << 20)
+        size = os.path.getsize(os.path.join(log_dir, "process_0.log"))
+        if size > echo_pos:
+          new = text[-(size - echo_pos):] if size - echo_pos <= len(text) else text
+          sys.stdout.write(new)
+          sys.stdout.flush()
+          echo_pos = size
+      failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
+      if failed:
+        i, c = failed[0]
+        kill_all()
+        raise LaunchError(
+            f"launch: process {i} of {processes} exited with code {c} after "
+            f"{time.time() - start:.1f} s; all workers killed. Log "
+            f"{os.path.join(log_dir, f'process_{i}.log')} ends with:\n"
+            f"{_tail(os.path.join(log_dir, f'process_{i}.log'))}")
+      if all(c == 0 for c in codes):
+        break
+      if time.time() - start > timeout_s:
+        done = [i for i, c in enumerate(codes) if c == 0]
+        kill_all()
+        raise LaunchError(
+            f"launch: timeout after {timeout_s:.0f} s ({len(done)} of {processes} processes had "
+            f"finished); all workers killed. Log {os.path.join(log_dir, 'process_0.log')} ends "
+            f"with:\n{_tail(os.path.join(log_dir, 'process_0.log'))}")
+      time.sleep(poll_s)
+    wall = time.time() - start
+  except BaseException:
+    kill_all()
+    raise
+  finally:
+    for log in logs:
+      log.close()
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
+  results, rss = [], []
+  for i in range(processes):
+    with open(os.path.join(log_dir, f"result_{i}.json")) as f:
+      r = json.load(f)
+    results.append(r["result"])
+    rss.append(int(r["peak_rss"]))
+  return LaunchResult(results, rss, int(peak_total), wall, log_dir, layout)
+
+
+# ----------------------------------------------------------------------------- worker side
+
+
+def _load_target(target: str) -> Callable[..., Any]:
+  module_name, _, fn_name = target.rpartition(":")
+  if module_name.endswith(".py"):
+    path = module_name if os.path.isabs(module_name) else os.path.join(os.getcwd(), module_name)
+    spec = importlib.util.spec_from_file_location(
+        "_dsv3_launch_target_" + os.path.splitext(os.path.basename(path))[0], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+  else:
+    module = importlib.import_module(module_name)
+  try:
+    return getattr(module, fn_name)
+  except AttributeError:
+    raise ValueError(f"launch: {module_name} has no function {fn_name!r}") from None
+
+
+def barrier(name: str, timeout_s: float = 600.0) -> None:
+  """Waits until every process reaches `name`, through the coordination service (a
+  key-value-store barrier, not a device collective: no gloo communicator over all devices is
+  formed). A no-op in a single process.
+
+  Raises:
+    RuntimeError (from the runtime): the barrier timed out or a process died.
+  """
+  from jax._src import distributed
+
+  client = distributed.global_state.client
+  if client is not None:
+    client.wait_at_barrier(name, int(timeout_s * 1000))
+
+
+def trim_memory() -> None:
+  """Returns freed heap pages to the OS (glibc `malloc_trim(0)`; ~300 MB per process after
+  compiling at 2048 devices, NOTES-2048). No-op where glibc is missing."""
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except (OSError, AttributeError):
+    pass
+
+
+def peak_rss_bytes() -> int:
+  """This process's peak resident set size, bytes (getrusage; Linux reports KiB)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def worker_main(argv: Optional[Sequence[str]] = None) -> None:
+  """Entry point of one worker process (`python -m dsv3_jax.parallel.launch worker ...`).
+
+  Sets the emulated CPU device count (`--cpu-devices`, before jax is imported), selects gloo
+  collectives, joins the cluster (`--coordinator/--num-processes/--process-id`; each falls back
+  to DSV3_COORDINATOR / DSV3_NUM_PROCESSES / DSV3_PROCESS_ID, and with none of them and
+  `--num-processes` > 1 jax's own cluster detection, e.g. SLURM, is used), runs the target and
+  writes {"result", "peak_rss", "process_id", "wall_s"} as JSON to `--result`. On a real
+  multi-host cluster, run this on every host without `--cpu-devices`.
+  """
+  ap = argparse.ArgumentParser(prog="python -m dsv3_jax.parallel.launch worker")
+  ap.add_argument("--target", required=True)
+  ap.add_argument("--kwargs", default="{}")
+  ap.add_argument("--result", required=True)
+  ap.add_argument("--cpu-devices", type=int, default=0,
+                  help="emulate this many CPU devices in this process (0: real devices)")
+  ap.add_argument("--coordinator", default=os.environ.get("DSV3_COORDINATOR"))
+  ap.add_argument("--num-processes", type=int,
+                  default=int(os.environ.get("DSV3_NUM_PROCESSES", "1")))
+  ap.add_argument("--process-id", type=int,
+                  default=int(os.environ["DSV3_PROCESS_ID"]) if "DSV3_PROCESS_ID" in os.environ
+                  else None)
+  ap.add_argument("--init-timeout", type=int, default=600)
+  ap.add_argument("--heartbeat-timeout", type=int, default=600)
+  ap.add_argument("--share-binary", action="store_true")
+  a = ap.parse_args(argv)
+  t0 = time.time()
+  if a.cpu_devices:
+    flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                     if not f.startswith(_DEVICE_FLAG))
+    os.environ["XLA_FLAGS"] = f"{flags} {_DEVICE_FLAG}={a.cpu_devices}".strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  import jax
+
+  if a.num_processes > 1:
+    if a.cpu_devices:
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if a.share_binary:
+      jax.config.update("jax_compilation_cache_dir",
+                        os.path.join(os.path.dirname(os.path.abspath(a.result)), "jax_cache"))
+      jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+      jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+      jax.config.update("jax_share_binary_between_hosts", True)
+    jax.distributed.initialize(coordinator_address=a.coordinator,
+                               num_processes=a.num_processes, process_id=a.process_id,
+                               initialization_timeout=a.init_timeout,
+                               heartbeat_timeout_seconds=a.heartbeat_timeout)
+  fn = _load_target(a.target)
+  result = fn(**json.loads(a.kwargs))
+  out = dict(result=result, peak_rss=peak_rss_bytes(), process_id=jax.process_index(),
+             wall_s=time.time() - t0)
+  tmp = a.result + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(out, f)
+  os.replace(tmp, a.result)
+  if a.num_processes > 1:
+    jax.distributed.shutdown()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+  """CLI: `worker ...` (one process, see `worker_main`) or `run ...` (launch and print)."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if argv and argv[0] == "worker":
+    worker_main(argv[1:])
+    return
+  if argv and argv[0] == "run":
+    argv = argv[1:]
+  ap = argparse.ArgumentParser(prog="python -m dsv3_jax.parallel.launch run",
+                               description="Run module:function on P local processes x L "
+                               "emulated CPU devices joined by jax.distributed + gloo.")
+  ap.add_argument("--target", required=True, help="module:function or file.py:function")
+  ap.add_argument("--devices", type=int, required=True, help="N, total devices")
+  ap.add_argument("--processes", type=int, required=True, help="P (N / P devices each)")
+  ap.add_argument("--kwargs", default="{}", help="JSON keyword arguments for the target")
+  ap.add_argument("--group-sizes", default="", help="comma-separated collective group sizes "
+                  "(for the open-file check)")
+  ap.add_argument("--timeout", type=float, default=900.0, help="seconds")
+  ap.add_argument("--log-dir", default=None)
+  ap.add_argument("--echo", action="store_true", help="stream process 0's output")
+  a = ap.parse_args(argv)
+  groups = tuple(int(g) for g in a.group_sizes.split(",") if g)
+  r = launch(a.target, a.devices, a.processes, json.loads(a.kwargs), group_sizes=groups,
+             timeout_s=a.timeout, log_dir=a.log_dir, echo=a.echo)
+  print(json.dumps(dict(results=r.results, peak_rss=r.peak_rss, peak_rss_total=r.peak_rss_total,
+                        wall_s=r.wall_s, log_dir=r.log_dir), indent=1))
+
+
+if __name__ == "__main__":
+  main()

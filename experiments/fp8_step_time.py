@@ -1,0 +1,156 @@
+"""FP8 quantization overhead on this CPU: training-step time of the tiny config, FP8 vs BF16.
+
+On a CPU nothing runs in FP8 hardware: the FP8 path emulates the recipe (quantize-dequantize of
+every FP8 GEMM operand, tiles / blocks of 128, power-of-two scales, products of the dequantized
+values accumulated in float32), so FP8 can only cost time here; the ratio FP8 / BF16 measures
+that emulation overhead (the quantization work), not an FP8 speed-up (report §3.3: on H800 the
+FP8 GEMMs run at twice the BF16 rate).
+
+Protocol (as experiments/benchmark_step.py): configs/tiny.py dims, 8 sequences x 256 bytes per
+step, MTP depth 1 (as trained), one device (dropless grouped experts), the default corpus.
+Per variant: compile, `--train-steps` untimed training steps (a realistic router), then
+`--steps` timed steps (wall clock, synchronised; median). Variants: float32; bfloat16 (the BF16
+baseline); bfloat16 + FP8 with all four FP8 layer families (the FP8 config); and bfloat16 +
+FP8 in one family at a time (where the overhead comes from).
+
+Writes results/fp8_step_time.{md,csv,png}.
+
+    .venv/bin/python experiments/fp8_step_time.py [--steps 20] [--train-steps 30] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+
+FAMILIES = ("attention_projections", "dense_mlp", "shared_experts", "routed_experts")
+VARIANTS = (
+    # (name, model overrides)
+    ("float32", dict(dtype="float32")),
+    ("bfloat16 (BF16 baseline)", dict(dtype="bfloat16")),
+    ("bfloat16 + FP8, all four families (FP8 config)",
+     dict(dtype="bfloat16", fp8=True, fp8_layers=FAMILIES)),
+) + tuple((f"bfloat16 + FP8 {f} only", dict(dtype="bfloat16", fp8=True, fp8_layers=(f,)))
+          for f in FAMILIES)
+BF16, FP8 = VARIANTS[1][0], VARIANTS[2][0]
+
+
+def measure(overrides: dict, steps: int, train_steps: int, batch: int, repeats: int) -> dict:
+  """Compile time and median / min step time (s) of one model variant on one device."""
+  import jax
+  import numpy as np
+  from flax import nnx
+
+  from configs import tiny
+  from dsv3_jax.model.config import ModelConfig
+  from dsv3_jax.model.transformer import Transformer
+  from dsv3_jax.train import data, trainer
+
+  cfg = tiny.get_config()
+  cfg.train.steps = 1000
+  mc = ModelConfig.from_dict(cfg.model.to_dict()).replace(**overrides)
+  depth = mc.mtp_depth
+  corpus = data.load_corpus(None, cfg.data.heldout_fraction)
+  ds = data.train_dataset(corpus.train, seq_len=256, extra=depth, batch_size=batch, seed=0)
+  model = Transformer(mc, rngs=nnx.Rngs(0))
+  graphdef, params, other = nnx.split(model, nnx.Param, ...)
+  opt = trainer.make_optimizer(cfg.train)
+  opt_state = opt.init(params)
+  fns = trainer.make_step_fns(graphdef, opt, mc, cfg.train, 256)
+  cap = (1,)  # one device: dropless grouped experts, no capacity applies
+  t0 = time.perf_counter()
+  compiled = fns.train_step.lower(params, other, opt_state, jax.numpy.asarray(ds[0]),
+                                  cap).compile()
+  compile_s = time.perf_counter() - t0
+  for i in range(train_steps):
+    params, other, opt_state, m = compiled(params, other, opt_state, jax.numpy.asarray(ds[i]))
+  jax.block_until_ready(params)
+  times = []
+  for rep in range(repeats):  # interleaving is done by the caller; repeats re-time the same data
+    for i in range(train_steps, train_steps + steps):
+      w = jax.numpy.asarray(ds[i])
+      t = time.perf_counter()
+      params, other, opt_state, m = compiled(params, other, opt_state, w)
+      jax.block_until_ready((params, m))
+      times.append(time.perf_counter() - t)
+  return dict(compile_s=compile_s, step_s=float(np.median(times)),
+              step_min_s=float(np.min(times)), loss=float(m["loss"]))
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--steps", type=int, default=20, help="timed steps per variant")
+  ap.add_argument("--train-steps", type=int, default=30, help="untimed steps first")
+  ap.add_argument("--batch", type=int, default=8, help="sequences of 256 bytes per step")
+  ap.add_argument("--quick", action="store_true", help="3 timed steps, 2 untimed (smoke test)")
+  args = ap.parse_args()
+  if args.quick:
+    args.steps, args.train_steps = 3, 2
+  for name in ("steps", "batch"):
+    if getattr(args, name) < 1:
+      ap.error(f"--{name} must be >= 1")
+  if args.train_steps < 0:
+    ap.error("--train-steps must be >= 0")
+
+  import jax
+
+  import _report as R
+
+  rows = []
+  for name, overrides in VARIANTS:
+    r = measure(overrides, args.steps, args.train_steps, args.batch, 1)
+    rows.append(dict(variant=name, tokens_per_s=args.batch * 256 / r["step_s"], **r))
+    print(f"{name}: compile {r['compile_s']:.1f} s | step {r['step_s'] * 1e3:.0f} ms (min "
+          f"{r['step_min_s'] * 1e3:.0f}) | loss {r['loss']:.3f}", flush=True)
+  by = {r["variant"]: r for r in rows}
+  for r in rows:
+    r["ratio_to_bf16"] = r["step_s"] / by[BF16]["step_s"]
+  R.write_csv("fp8_step_time", rows)
+
+  ratio = by[FP8]["step_s"] / by[BF16]["step_s"]
+  ratio_min = by[FP8]["step_min_s"] / by[BF16]["step_min_s"]
+  machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, jax {jax.__version__}"
+  table = R.md_table(
+      ["variant", "compile (s)", "step, median (ms)", "step, min (ms)", "tokens/s",
+       "step / BF16 step"],
+      [[r["variant"], R.fmt(r["compile_s"], 1), R.fmt(r["step_s"] * 1e3, 0),
+        R.fmt(r["step_min_s"] * 1e3, 0), R.fmt(r["tokens_per_s"], 0),
+        R.fmt(r["ratio_to_bf16"], 2)] for r in rows])
+  sections = [
+      f"Measured by `experiments/fp8_step_time.py --steps {args.steps} --train-steps "
+      f"{args.train_steps} --batch {args.batch}` on {machine}: configs/tiny.py dims, "
+      f"{args.batch} x 256 bytes per step, MTP depth 1, one device; {args.train_steps} untimed "
+      f"training steps, then {args.steps} timed steps (median and minimum).",
+      f"**Step-time ratio FP8 / BF16 on this CPU: {ratio:.2f}** (median; {ratio_min:.2f} on "
+      "the minima). This is the cost of *emulating* the FP8 recipe: every FP8 GEMM operand is "
+      "quantized and dequantized (1 x 128 tiles, 128 x 128 blocks, power-of-two scales, in "
+      "the backward pass also the re-quantization along the token axis for the weight "
+      "gradients), and the GEMM itself runs in float32 on the dequantized values. On a CPU "
+      "there is no FP8 arithmetic to gain from; on H800 the report's FP8 GEMMs run at twice "
+      "the BF16 rate.",
+      table,
+      "Per-family rows: only that family's GEMMs in FP8 (the rest BF16), to show where the "
+      "overhead comes from.",
+  ]
+  R.write_markdown("fp8_step_time", "FP8 quantization overhead: step time FP8 / BF16 (CPU)",
+                   sections, "fp8_step_time.py")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(8, 3.6))
+  ax.barh([r["variant"] for r in rows], [r["step_s"] * 1e3 for r in rows],
+          color=["0.6", "C0", "C3"] + ["C1"] * (len(rows) - 3))
+  ax.set_xlabel("median training-step time (ms), tiny config, 8 x 256 tokens, one CPU device")
+  ax.invert_yaxis()
+  fig.tight_layout()
+  fig.savefig(R.path("fp8_step_time", "png"), dpi=120)
+  print(f"FP8 / BF16 step-time ratio {ratio:.2f}; wrote results/fp8_step_time.md, .csv, .png")
+
+
+if __name__ == "__main__":
+  main()
