@@ -3,9 +3,10 @@
 Autodiff of the textbook formulation makes XLA:CPU run the backward matmuls with a transposed
 [S, S] operand (dV = P^T dO, dK = dS^T Q), a slow path (~30 GFLOP/s against ~230 for a
 canonical matmul here). The custom VJP computes dV^T = dO^T P and dK^T = Q^T dS instead (only
-the small operands are transposed) and processes (batch x head) slices in chunks so that the
-[S, S] probabilities stay in cache. Same math, float32 softmax; on accelerators it is equally
-valid (just not needed).
+the small operands are transposed). Causal attention is computed in query blocks, block b
+attending only to the keys up to its end, which skips most of the masked upper triangle
+(~40 % of the work at 4 blocks). Same math, float32 softmax; on accelerators it is equally valid
+(a fused flash kernel would be the better choice there).
 """
 
 from __future__ import annotations
@@ -16,6 +17,13 @@ import jax
 import jax.numpy as jnp
 
 _NEG = -1e30
+
+
+def _mask(sq: int, sk: int, causal: bool) -> jax.Array:
+  """[sq, sk] bool: the queries are the last sq positions of the sk keys."""
+  if not causal:
+    return jnp.ones((sq, sk), jnp.bool_)
+  return jnp.arange(sk)[None, :] <= jnp.arange(sq)[:, None] + (sk - sq)
 
 
 def _forward(q, k, v, scale, mask):
@@ -36,15 +44,11 @@ def _barrier(x):
 
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _attention_chunk(q, k, v, scale, causal):
-  s = q.shape[1]
-  mask = jnp.tril(jnp.ones((s, s), jnp.bool_)) if causal else jnp.ones((s, s), jnp.bool_)
-  return _forward(q, k, v, scale, mask)[0]
+  return _forward(q, k, v, scale, _mask(q.shape[1], k.shape[1], causal))[0]
 
 
 def _chunk_fwd(q, k, v, scale, causal):
-  s = q.shape[1]
-  mask = jnp.tril(jnp.ones((s, s), jnp.bool_)) if causal else jnp.ones((s, s), jnp.bool_)
-  o, p = _forward(q, k, v, scale, mask)
+  o, p = _forward(q, k, v, scale, _mask(q.shape[1], k.shape[1], causal))
   return o, (q, k, v, o, p)
 
 
@@ -66,7 +70,7 @@ _attention_chunk.defvjp(_chunk_fwd, _chunk_bwd)
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
-                          causal: bool = True, chunks: int = 4) -> jax.Array:
+                          causal: bool = True, query_blocks: int = 4) -> jax.Array:
   """softmax(q k^T * scale + causal mask) v over [batch x heads] slices.
 
   Args:
@@ -74,16 +78,16 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: fl
       softmax are float32.
     scale: logit multiplier (1/sqrt(Dqk), times the YaRN mscale^2 when extended).
     causal: mask keys after the query.
-    chunks: slices of N processed one after another (cache locality on CPU); must divide N,
-      else N is processed at once.
+    query_blocks: causal only: split the queries into this many blocks, block b attending to
+      keys [0, (b + 1) S / blocks) (used when it divides S; 1 = one block).
 
   Returns:
     [N, S, Dv] in v.dtype.
   """
-  n = q.shape[0]
-  if chunks <= 1 or n % chunks:
+  s = q.shape[1]
+  if not causal or query_blocks <= 1 or s % query_blocks:
     return _attention_chunk(q, k, v, scale, causal)
-  split = lambda x: x.reshape((chunks, n // chunks) + x.shape[1:])
-  o = jax.lax.map(lambda a: _attention_chunk(a[0], a[1], a[2], scale, causal),
-                  (split(q), split(k), split(v)))
-  return o.reshape((n,) + o.shape[2:])
+  b = s // query_blocks
+  outs = [_attention_chunk(q[:, i * b:(i + 1) * b], k[:, :(i + 1) * b], v[:, :(i + 1) * b],
+                           scale, True) for i in range(query_blocks)]
+  return jnp.concatenate(outs, axis=1)

@@ -188,9 +188,10 @@ def grouped_swiglu_fp8(x, seg_start, seg_len, seg_expert, w_gate, w_up, w_down,
     expert's rows, so the result equals applying `fp8_matmul` to each expert's three GEMMs.
     Rows of a window outside its segment are zeroed first, so they never set a scale.
 
-  The gate / up pre-activations are recomputed from the FP8 operands in the backward pass
-  (report §3.2.3). The products are accumulated in float32 (or in the emulated tensor-core
-  accumulator if `recipe.accumulator_mantissa_bits` is set). Master weights and their
+  The gate / up pre-activations are kept from the forward pass (float32 [R, F] each, as
+  `grouped_swiglu` keeps them), not recomputed. The products are accumulated in float32 (or
+  in the emulated tensor-core accumulator if `recipe.accumulator_mantissa_bits` is set).
+  Master weights and their
   gradients stay in the weights' dtype (float32); activations are cast to float32 for the
   quantization, so any compute dtype works.
 
@@ -205,41 +206,59 @@ def grouped_swiglu_fp8(x, seg_start, seg_len, seg_expert, w_gate, w_up, w_down,
     [R, D] in x.dtype; rows outside every segment are unspecified (callers mask them).
   """
   return _fp8_fwd_rule(x, seg_start, seg_len, seg_expert, w_gate, w_up, w_down, window,
-                       recipe)[0]
+                       recipe, keep_activations=False)[0]
 
 
-def _fp8_forward(xq, seg_start, seg_len, seg_expert, wg, wu, wd, window, recipe, dt):
+def _fp8_forward(xq, seg_start, seg_len, seg_expert, wg, wu, wd, window, recipe, dt,
+                 keep_activations):
+  """y [R + window, D] in dt, and when `keep_activations` the float32 gate and up
+  pre-activations [R + window, F] each (from the FP8 operands)."""
   r, d = xq.shape
+  f = wg.shape[-1]
   xp = jnp.concatenate([xq, jnp.zeros((window, d), xq.dtype)])
   n_win, ends, total = _window_table(seg_len, window)
   gemm = lambda a, b: fp8_lib._gemm(a, b, recipe)  # pylint: disable=protected-access
+  like = (xq, seg_start, seg_len, seg_expert, wg, wu, wd)
 
-  def body(i, y):
+  def body(i, carry):
     g, start, _ = _locate(i, seg_start, seg_len, n_win, ends, window)
     e = seg_expert[g]
     xw = lax.dynamic_slice_in_dim(xp, start, window)
-    h = jax.nn.silu(gemm(xw, wg[e])) * gemm(xw, wu[e])
-    out = gemm(_qdq_rows(h, recipe, recipe.fmt_forward), wd[e]).astype(dt)
-    return lax.dynamic_update_slice_in_dim(y, out, start, 0)
+    gate, up = gemm(xw, wg[e]), gemm(xw, wu[e])
+    out = gemm(_qdq_rows(jax.nn.silu(gate) * up, recipe, recipe.fmt_forward), wd[e]).astype(dt)
+    # As in `_forward`: rows past the segment's end are overwritten by later windows.
+    out = lax.dynamic_update_slice_in_dim(carry[0], out, start, 0)
+    if not keep_activations:
+      return (out,)
+    return (out, lax.dynamic_update_slice_in_dim(carry[1], gate, start, 0),
+            lax.dynamic_update_slice_in_dim(carry[2], up, start, 0))
 
-  y0 = _zeros((r + window, d), dt, xq, seg_start, seg_len, seg_expert, wg, wu, wd)
-  return lax.fori_loop(0, total, body, y0)[:r]
+  init = (_zeros((r + window, d), dt, *like),)
+  if keep_activations:
+    init += (_zeros((r + window, f), jnp.float32, *like),) * 2
+  return lax.fori_loop(0, total, body, init)
 
 
-def _fp8_fwd_rule(x, seg_start, seg_len, seg_expert, w_gate, w_up, w_down, window, recipe):
+def _fp8_fwd_rule(x, seg_start, seg_len, seg_expert, w_gate, w_up, w_down, window, recipe,
+                  keep_activations=True):
   recipe = fp8_lib.Fp8Recipe() if recipe is None else recipe
   xq = _qdq_rows(x.astype(jnp.float32), recipe, recipe.fmt_forward)  # [R, D]
   wg, wu, wd = _quantized_weights(w_gate, w_up, w_down, recipe)
-  y = _fp8_forward(xq, seg_start, seg_len, seg_expert, wg, wu, wd, window, recipe, x.dtype)
+  out = _fp8_forward(xq, seg_start, seg_len, seg_expert, wg, wu, wd, window, recipe, x.dtype,
+                     keep_activations)
+  y = out[0][:x.shape[0]]
+  if not keep_activations:
+    return y, None
   # Residuals: the dequantized FP8 rows and weights in float32 (the same numbers as cached FP8
-  # codes + scales; the memory saving is not emulated). Zero-size arrays carry the dtypes.
+  # codes + scales; the memory saving is not emulated) and the gate / up pre-activations (as
+  # `grouped_swiglu` keeps them). Zero-size arrays carry the primal dtypes.
   dtypes = (jnp.zeros((0,), x.dtype), jnp.zeros((0,), w_gate.dtype))
-  return y, (xq, seg_start, seg_len, seg_expert, wg, wu, wd, dtypes)
+  return y, (xq, out[1], out[2], seg_start, seg_len, seg_expert, wg, wu, wd, dtypes)
 
 
 def _fp8_bwd_rule(window, recipe, res, dy):
   recipe = fp8_lib.Fp8Recipe() if recipe is None else recipe
-  xq, seg_start, seg_len, seg_expert, wg, wu, wd, (x_like, w_like) = res
+  xq, gate_all, up_all, seg_start, seg_len, seg_expert, wg, wu, wd, (x_like, w_like) = res
   r, d = xq.shape
   f32 = jnp.float32
   xp = jnp.concatenate([xq, jnp.zeros((window, d), f32)])
@@ -257,9 +276,10 @@ def _fp8_bwd_rule(window, recipe, res, dy):
     valid = (rows < n_valid)[:, None]
     xw = jnp.where(valid, lax.dynamic_slice_in_dim(xp, start, window), 0.0)
     dyw = jnp.where(valid, lax.dynamic_slice_in_dim(dyp, start, window), 0.0)
-    pre, up = gemm(xw, wg[e]), gemm(xw, wu[e])
+    pre = lax.dynamic_slice_in_dim(gate_all, start, window)
+    up = lax.dynamic_slice_in_dim(up_all, start, window)
     act = jax.nn.silu(pre)
-    hq = _qdq_rows(act * up, recipe, fwd)  # the forward's FP8 SwiGLU output
+    hq = jnp.where(valid, _qdq_rows(act * up, recipe, fwd), 0.0)  # the forward's FP8 h
     # Down projection: dgrad with dy in tiles along D, wgrad with both operands along rows.
     dh = gemm(_qdq_rows(dyw, recipe, bwd), wd[e].T)
     dwd = dwd.at[e].add(gemm(along_rows(hq, fwd).T, along_rows(dyw, bwd)).astype(dwd.dtype))

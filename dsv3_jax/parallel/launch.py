@@ -441,6 +441,21 @@ def peak_rss_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _same_cache_key_on_every_process() -> None:
+  """Makes the compilation-cache key of a multi-process CPU program the same on every process.
+
+  jax 0.10.2 hashes `get_topology_for_devices(devices).fingerprint()` into the key; on XLA:CPU
+  that fingerprint differs between the processes of one cluster (measured: 2 processes x 4
+  devices, same program, different `accelerator_config` hashes), so with
+  `jax_share_binary_between_hosts` the other processes wait forever for a key process 0 never
+  writes. Hashing the global device ids and platform instead (jax's own fallback,
+  `cache_key._hash_devices`) identifies the same assignment on every process.
+  """
+  from jax._src import cache_key
+
+  cache_key._hash_accelerator_config = cache_key._hash_devices
+
+
 def worker_main(argv: Optional[Sequence[str]] = None) -> None:
   """Entry point of one worker process (`python -m dsv3_jax.parallel.launch worker ...`).
 
@@ -484,6 +499,8 @@ def worker_main(argv: Optional[Sequence[str]] = None) -> None:
       jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
       jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
       jax.config.update("jax_share_binary_between_hosts", True)
+      if a.cpu_devices:
+        _same_cache_key_on_every_process()
     jax.distributed.initialize(coordinator_address=a.coordinator,
                                num_processes=a.num_processes, process_id=a.process_id,
                                initialization_timeout=a.init_timeout,

@@ -566,8 +566,18 @@ class Fp8Recipe:
 
 
 def _gemm(a: jax.Array, b: jax.Array, recipe: Fp8Recipe) -> jax.Array:
-  """a [M, K] @ b [K, N] -> [M, N] float32 with the recipe's accumulation."""
+  """a [M, K] @ b [K, N] -> [M, N] float32 with the recipe's accumulation.
+
+  a and b must be quantize-dequantized values of the recipe (as every caller passes). With
+  power-of-two scales such a value is an FP8 number times 2^k: at most 4 significant bits, so
+  it is exactly a bfloat16 number, and the bfloat16 x bfloat16 product accumulated in float32
+  is the same computation as the float32 dot (exact products, float32 sums), done on the
+  CPU's BF16 matrix units where it has them (about 4x faster than a float32 dot on AMX).
+  """
   if recipe.accumulator_mantissa_bits is None:
+    if recipe.pow2_scale:
+      return jnp.dot(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16),
+                     preferred_element_type=jnp.float32)
     return jnp.dot(a, b, precision=jax.lax.Precision.HIGHEST,
                    preferred_element_type=jnp.float32)
   return _accumulate_dot(a, b, recipe.accumulator_mantissa_bits, recipe.promotion_interval,
