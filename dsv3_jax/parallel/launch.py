@@ -448,8 +448,8 @@ def _same_cache_key_on_every_process() -> None:
   that fingerprint differs between the processes of one cluster (measured: 2 processes x 4
   devices, same program, different `accelerator_config` hashes), so with
   `jax_share_binary_between_hosts` the other processes wait forever for a key process 0 never
-  writes. Hashing the global device ids and platform instead (jax's own fallback,
-  `cache_key._hash_devices`) identifies the same assignment on every process.
+  writes. jax's own fallback, `cache_key._hash_devices` (each device's kind), is the same on
+  every process; the device assignment itself is already hashed with the compile options.
   """
   from jax._src import cache_key
 
