@@ -115,3 +115,30 @@ def test_bad_config_stops_before_any_file_is_written(tmp_path, change, match):
   with pytest.raises((ValueError, FileNotFoundError), match=match):
     trainer.train(cfg, progress=False, log=lambda *_: None)
   assert not os.path.exists(tmp_path / "run")
+
+
+def test_router_bias_is_outside_the_optimizer_and_moves_by_gamma(tmp_path):
+  from flax import nnx
+
+  from dsv3_jax.model.config import ModelConfig
+  from dsv3_jax.model.moe import RouterBias
+  from dsv3_jax.model.transformer import Transformer
+
+  cfg = _tiny_cfg(tmp_path, bias_update_speed=0.01)
+  mc = ModelConfig.from_dict(cfg.model.to_dict())
+  model = Transformer(mc, rngs=nnx.Rngs(0))
+  graphdef, params, other = nnx.split(model, nnx.Param, ...)
+  flat_params = [".".join(map(str, p)) for p, _ in nnx.to_flat_state(params)]
+  assert not any("e_score_correction_bias" in p for p in flat_params)
+  assert all(isinstance(v, RouterBias) for _, v in nnx.to_flat_state(other))
+  opt = trainer.make_optimizer(cfg.train)
+  opt_state = opt.init(params)
+  fns = trainer.make_step_fns(graphdef, opt, mc, cfg.train, cfg.data.seq_len)
+  window = jax.random.randint(jax.random.PRNGKey(0), (8, 66), 0, 256)
+  _, other2, _, m = fns.train_step(params, other, opt_state, window, (1,))
+  for (_, b0), (_, b1), counts in zip(nnx.to_flat_state(other), nnx.to_flat_state(other2),
+                                      np.asarray(m["expert_counts"])):
+    step = np.asarray(b1[...]) - np.asarray(b0[...])
+    want = 0.01 * np.sign(counts.mean() - counts)
+    np.testing.assert_allclose(step, want, atol=1e-7)
+    assert counts.sum() == 8 * 64 * mc.num_experts_per_tok  # every real token, top-k
