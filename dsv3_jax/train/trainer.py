@@ -438,18 +438,18 @@ def train(cfg, *, progress: bool = True, log: Callable[[str], None] = print) -> 
   capacity = moe0.initial_capacity(tokens_per_step) if moe0 else (1,)
 
   os.makedirs(t.workdir, exist_ok=True)
-  with open(os.path.join(t.workdir, "config.json"), "w") as f:
-    f.write(cfg.to_json(indent=2))
   ckpt = Checkpointer(t.workdir, save_every=t.checkpoint_every)
-  writer = MetricsWriter(t.workdir)
   start = 0
   latest = ckpt.latest_step()
-  if latest is not None:
+  if latest is not None:  # restore first: a mismatching config fails before anything is written
     state, meta = ckpt.restore(latest, {"params": params, "other": other, "opt_state": opt_state})
     params, other, opt_state = state["params"], state["other"], state["opt_state"]
     capacity = tuple(meta["capacity"])
     start = int(meta["step"])
     log(f"resumed from {ckpt.directory} at step {start} (MoE capacity {capacity})")
+  with open(os.path.join(t.workdir, "config.json"), "w") as f:
+    f.write(cfg.to_json(indent=2))
+  writer = MetricsWriter(t.workdir)
 
   pbar = tqdm(total=t.steps, initial=start, disable=not progress, desc=cfg.get("name", "train"),
               dynamic_ncols=True)

@@ -142,3 +142,14 @@ def test_router_bias_is_outside_the_optimizer_and_moves_by_gamma(tmp_path):
     want = 0.01 * np.sign(counts.mean() - counts)
     np.testing.assert_allclose(step, want, atol=1e-7)
     assert counts.sum() == 8 * 64 * mc.num_experts_per_tok  # every real token, top-k
+
+
+def test_resuming_with_an_incompatible_config_fails_and_keeps_the_run(tmp_path):
+  cfg = _tiny_cfg(tmp_path, steps=2, checkpoint_every=2, eval_every=2, log_every=1)
+  trainer.train(cfg, progress=False, log=lambda *_: None)
+  saved = (tmp_path / "run" / "config.json").read_text()
+  cfg.model.hidden_size = 32
+  with pytest.raises(ValueError, match="does not match this config"):
+    trainer.train(cfg, progress=False, log=lambda *_: None)
+  assert (tmp_path / "run" / "config.json").read_text() == saved
+  assert os.listdir(tmp_path / "run" / "checkpoints") == ["2"]
