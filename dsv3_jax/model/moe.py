@@ -239,7 +239,8 @@ class DeepSeekMoE(nnx.Module):
     else:
       tok = P(self.topology.all_axes)
       stat_specs = dispatch_lib.DispatchStats(*([P()] * len(dispatch_lib.DispatchStats._fields)))
-      y, stats = jax.shard_map(run, mesh=self.mesh, in_specs=(tok,) * 4 + (tok,) * 3,
+      experts = P(self.topology.axes)  # sharded inside a group, replicated across groups
+      y, stats = jax.shard_map(run, mesh=self.mesh, in_specs=(tok,) * 4 + (experts,) * 3,
                                out_specs=(tok, stat_specs))(*args)
     y = y.reshape(b, s, d)
     if self.shared_experts is not None:

@@ -192,3 +192,32 @@ def test_dispatch_payload_codec_runs_and_reports_wire_bytes(payload):
       x, idx, w, jnp.ones(x.shape[0], bool), wg, wu, wd)
   ref = dispatch.moe_dense_reference(codec.qdq(x), idx, w, wg, wu, wd)  # payload quantized once
   np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("schedule", ["flat", "two_hop"])
+def test_expert_parallel_groups_over_a_subset_of_nodes(schedule):
+  # 4 nodes x 2 GPUs, EP groups of 2 nodes (EP4), data parallel over the 2 groups.
+  cfg = SMALL.replace(dispatch=schedule, n_routed_experts=8, n_group=2, topk_group=1,
+                      num_experts_per_tok=2)
+  mesh = make_mesh(4, 2, ep_nodes=2)
+  assert dict(mesh.shape) == {"replica": 2, "node": 2, "gpu": 2}
+  ep = DeepSeekMoE(cfg, mesh=mesh, rngs=nnx.Rngs(1))
+  local = DeepSeekMoE(cfg, rngs=nnx.Rngs(1))
+  nnx.update(local, nnx.state(ep))
+  shard_model(ep, mesh)
+  # Experts: sharded over (node, gpu) inside a group, replicated across groups.
+  assert ep.experts.gate_proj[...].sharding.spec == P(AXES, None, None)
+  x = jax.random.normal(jax.random.PRNGKey(3), (8, 4, 16))
+  xs = jax.device_put(x, NamedSharding(mesh, P(("replica",) + AXES)))
+  y, st = nnx.jit(lambda m, x: m(x, None, m.worst_case_capacity(32)))(ep, xs)
+  y_local, st_local = local(x)
+  np.testing.assert_allclose(y, y_local, rtol=1e-5, atol=1e-5)
+  # Loads are summed over both groups (what the bias update needs).
+  np.testing.assert_array_equal(np.asarray(st.dispatch.expert_counts),
+                                np.asarray(st_local.dispatch.expert_counts))
+
+
+def test_ep_nodes_must_divide_the_nodes():
+  with pytest.raises(ValueError, match="mesh.ep_nodes=3 must be a positive divisor of "
+                                       "mesh.nodes=4"):
+    make_mesh(4, 2, ep_nodes=3)

@@ -153,3 +153,15 @@ def test_resuming_with_an_incompatible_config_fails_and_keeps_the_run(tmp_path):
     trainer.train(cfg, progress=False, log=lambda *_: None)
   assert (tmp_path / "run" / "config.json").read_text() == saved
   assert os.listdir(tmp_path / "run" / "checkpoints") == ["2"]
+
+
+def test_training_on_expert_parallel_groups_over_a_subset_of_nodes(tmp_path):
+  cfg = _tiny_cfg(tmp_path, steps=3, log_every=1, eval_every=3, checkpoint_every=3)
+  cfg.mesh.nodes, cfg.mesh.gpus_per_node, cfg.mesh.ep_nodes = 4, 2, 2
+  cfg.model.n_group, cfg.model.topk_group = 2, 1
+  cfg.model.dispatch = "two_hop"
+  s = trainer.train(cfg, progress=False, log=lambda *_: None)
+  assert s["devices"] == 8 and np.isfinite(s["heldout_loss"])
+  cfg.mesh.ep_nodes = 3
+  with pytest.raises(ValueError, match="mesh.ep_nodes=3 must be a positive divisor"):
+    trainer.train(cfg, progress=False, log=lambda *_: None)
