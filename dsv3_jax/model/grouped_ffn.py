@@ -40,6 +40,14 @@ def _varying_axes(a) -> frozenset:
   return frozenset(getattr(mat, "varying", ()) or ())
 
 
+def _sum_to_type_of(g, primal):
+  """Sums a cotangent over the manual axes it varies along but its primal does not: a weight
+  replicated across data-parallel groups gets the sum of every group's gradient (what autodiff
+  does for an invariant input; a custom VJP must do it itself)."""
+  extra = tuple(sorted(_varying_axes(g) - _varying_axes(primal)))
+  return jax.lax.psum(g, extra) if extra else g
+
+
 def _silu_grad(g):
   s = jax.nn.sigmoid(g)
   return s * (1.0 + g * (1.0 - s))
@@ -145,7 +153,8 @@ def _bwd_rule(window, res, dy):
   init = (_zeros((r + window, d), dt, *like), _zeros(w_gate.shape, w_gate.dtype, *like),
           _zeros(w_up.shape, w_up.dtype, *like), _zeros(w_down.shape, w_down.dtype, *like))
   dx, dwg, dwu, dwd = lax.fori_loop(0, total, body, init)
-  return dx[:r], None, None, None, dwg, dwu, dwd
+  return (dx[:r], None, None, None, _sum_to_type_of(dwg, w_gate), _sum_to_type_of(dwu, w_up),
+          _sum_to_type_of(dwd, w_down))
 
 
 grouped_swiglu.defvjp(_fwd_rule, _bwd_rule)
