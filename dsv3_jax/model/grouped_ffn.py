@@ -305,7 +305,9 @@ def _fp8_bwd_rule(window, recipe, res, dy):
   init = (_zeros((r + window, d), f32, *like), _zeros(wg.shape, w_like.dtype, *like),
           _zeros(wu.shape, w_like.dtype, *like), _zeros(wd.shape, w_like.dtype, *like))
   dx, dwg, dwu, dwd = lax.fori_loop(0, total, body, init)
-  return dx[:r].astype(x_like.dtype), None, None, None, dwg, dwu, dwd
+  # wg, wu, wd vary over the same mesh axes as the primal weights.
+  return (dx[:r].astype(x_like.dtype), None, None, None, _sum_to_type_of(dwg, wg),
+          _sum_to_type_of(dwu, wu), _sum_to_type_of(dwd, wd))
 
 
 grouped_swiglu_fp8.defvjp(_fp8_fwd_rule, _fp8_bwd_rule)

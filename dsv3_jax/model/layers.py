@@ -46,14 +46,8 @@ class Linear(nnx.Module):
     x2 = x.reshape(-1, self.in_features).astype(self.dtype)
     if self.fp8_recipe is not None:
       y = fp8_matmul(x2, self.kernel[...], self.fp8_recipe)
-    elif self.dtype == jnp.float32:
-      y = jnp.dot(x2, self.kernel[...])
     else:
-      # BF16 GEMM with FP32 accumulation (as on GPUs), rounded to BF16 once at the end. XLA:CPU
-      # runs this form on the BF16 matrix units (AMX / AVX512-BF16) ~4x faster than a
-      # float32 dot; a dot with a bfloat16 result takes a slow generic path instead.
-      y = jnp.dot(x2, self.kernel[...].astype(self.dtype),
-                  preferred_element_type=jnp.float32).astype(self.dtype)
+      y = jnp.dot(x2, self.kernel[...].astype(self.dtype))
     return y.reshape(lead + (self.out_features,))
 
 

@@ -652,4 +652,27 @@ def fp8_matmul(x, w, recipe: Optional[Fp8Recipe] = None) -> jax.Array:
   w = _check_float_array(w, "w", 2)
   if w.ndim != 2 or x.shape[-1] != w.shape[0]:
     raise ValueError(f"x [..., K] and w [K, N] must agree on K, got {x.shape} and {w.shape}")
+  x, w = match_varying_axes(x, w)
   return _fp8_matmul(x, w, recipe)
+
+
+def _varying_axes(a) -> frozenset:
+  mat = getattr(jax.typeof(a), "manual_axis_type", None)
+  return frozenset(getattr(mat, "varying", ()) or ())
+
+
+def match_varying_axes(*arrays):
+  """Casts every array to vary over the union of their manual mesh axes (inside shard_map).
+
+  A custom_vjp op whose operands differ in how they vary (a replicated weight times per-device
+  activations) would return a per-device weight gradient for an invariant weight, which
+  shard_map rejects. Casting before the op makes the operands agree; the cast's transpose then
+  sums the weight gradient over the devices, as the built-in dot's implicit cast does. Outside
+  shard_map this is the identity.
+  """
+  axes = frozenset().union(*(_varying_axes(a) for a in arrays))
+  if not axes:
+    return arrays
+  return tuple(a if _varying_axes(a) == axes else
+               jax.lax.pcast(a, tuple(sorted(axes - _varying_axes(a))), to="varying")
+               for a in arrays)

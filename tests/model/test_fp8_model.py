@@ -83,7 +83,7 @@ def test_fp8_linear_is_fp8_matmul_and_its_gradients_are_close_to_float32():
   lin32 = Linear(256, 192, init_std=0.05, rngs=nnx.Rngs(0))
   w = lin8.kernel[...]
 
-  def vjp(lin):
+  def vjp(lin, gy=gy):
     graphdef, state = nnx.split(lin)
     y, back = jax.vjp(lambda x, state: nnx.merge(graphdef, state)(x), x, state)
     dx, dstate = back(gy)
@@ -97,8 +97,8 @@ def test_fp8_linear_is_fp8_matmul_and_its_gradients_are_close_to_float32():
   assert dw8.dtype == jnp.float32
   # BF16 compute: output and input gradient in BF16, the master-weight gradient float32.
   lin_bf = Linear(256, 192, dtype=jnp.bfloat16, fp8_recipe=RECIPE, rngs=nnx.Rngs(0))
-  y, back = jax.vjp(lambda x, w: fp8.fp8_matmul(x.astype(jnp.bfloat16), w, RECIPE), x, w)
-  assert lin_bf(x).dtype == jnp.bfloat16 and back(y)[1].dtype == jnp.float32
+  y, _, dw = vjp(lin_bf, gy.astype(jnp.bfloat16))
+  assert (y.dtype, dw.dtype) == (jnp.bfloat16, jnp.float32)
 
 
 # --- FP8 grouped experts ---------------------------------------------------------------------
@@ -147,6 +147,22 @@ def test_grouped_fp8_equals_per_expert_fp8_matmul_and_is_close_to_float32():
                     x.astype(jnp.bfloat16), wg)
   dx, dw = back(y)
   assert (y.dtype, dx.dtype, dw.dtype) == (jnp.bfloat16, jnp.bfloat16, jnp.float32)
+
+
+def test_grouped_fp8_weight_gradient_is_summed_over_data_parallel_devices():
+  # Weights replicated over a data-parallel axis, rows sharded over it: the custom VJP must
+  # return the sum of the devices' weight gradients (as autodiff does for a plain dot).
+  lens = [40, 70]
+  x, segs, wg, wu, wd, gy, _ = _grouped_inputs(lens, d=128, f=64, seed=4)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("replica",))
+  x2, gy2 = jnp.concatenate([x, x[::-1]]), jnp.concatenate([gy, gy * 0.5])
+  f = lambda x, wg: grouped_swiglu_fp8(x, *segs, wg, wu, wd, 128, RECIPE)
+  per_device = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P("replica"), P()),
+                                     out_specs=P("replica")))
+  _, back = jax.vjp(per_device, x2, wg)
+  dwg = back(gy2)[1]
+  want = sum(jax.vjp(f, xs, wg)[1](gs)[1] for xs, gs in ((x, gy), (x[::-1], gy * 0.5)))
+  assert _rel(dwg, want) < 1e-6
 
 
 # --- model -----------------------------------------------------------------------------------
@@ -244,28 +260,23 @@ def test_fp8_dispatch_on_an_8_device_mesh_equals_the_qdq_reference():
 # --- training --------------------------------------------------------------------------------
 
 
-def test_short_fp8_training_run_on_a_mesh_is_finite_and_learns(tmp_path):
+def test_short_fp8_training_run_is_finite_and_learns(tmp_path):
+  # One device (FP8 dispatch on a mesh is covered above): every FP8 layer family, BF16 compute.
   from dsv3_jax.train import trainer
 
   c = tiny.get_config()
-  c.model.update(dict(hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
-                      num_attention_heads=2, q_lora_rank=64, kv_lora_rank=32,
-                      qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16,
-                      n_routed_experts=8, n_group=2, topk_group=1, num_experts_per_tok=2,
-                      num_hidden_layers=2, max_position_embeddings=64, dtype="bfloat16",
-                      fp8=True, dispatch_payload="fp8", combine_payload="bf16"))
-  c.mesh.nodes, c.mesh.gpus_per_node = 2, 4
+  c.model.update(dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                      num_attention_heads=4, q_lora_rank=32, kv_lora_rank=16,
+                      qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                      n_routed_experts=8, num_hidden_layers=2, max_position_embeddings=64,
+                      dtype="bfloat16", fp8=True))
   c.data.seq_len = 64
-  c.data.eval_sequences = 16
-  c.train.update(dict(batch_size=8, steps=30, warmup_steps=5, log_every=5, eval_every=30,
-                      checkpoint_every=30, workdir=str(tmp_path / "run"), learning_rate=3e-3))
+  c.data.eval_sequences = 8
+  c.train.update(dict(batch_size=8, steps=20, warmup_steps=4, log_every=4, eval_every=20,
+                      checkpoint_every=20, workdir=str(tmp_path / "run"), learning_rate=3e-3))
   s = trainer.train(c, progress=False, log=lambda *_: None)
   lines = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
   losses = [l["loss"] for l in lines if "loss" in l]
   assert all(np.isfinite(losses)) and np.isfinite(s["heldout_loss"])
   assert losses[-1] < losses[0] - 0.5, losses  # it learns (ln 256 = 5.55 at the start)
-  # Bytes per row moved: an FP8 dispatch row (128 one-byte values + one float32 scale) plus
-  # a BF16 combine row (2 x 128 bytes).
-  last = [l for l in lines if "bytes_inter_node" in l][-1]
-  assert last["bytes_inter_node"] == last["rows_inter_node"] * (128 + 4 + 2 * 128)
-  assert os.path.exists(tmp_path / "run" / "summary.json")
+  assert s["heldout_loss"] < 4.5
