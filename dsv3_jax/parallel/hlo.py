@@ -22,10 +22,12 @@ the program text: a collective inside a `while` body executes once per iteration
 
 Replica-group syntaxes understood (HLO): explicit `{{0,1},{2,3}}`, empty `{}` (all devices),
 iota `[G,S]<=[d0,d1,...]` with an optional transpose `T(p0,p1,...)`, and the mesh-axes form
-`mesh['a'=4,'b'=8] {'a'}` (sub-axes `'a':(pre)size` too); StableHLO: `dense<[[...]]>`, the
-hexadecimal `dense<"0x...">` that MLIR prints for large groups, and splats. jax 0.10.2 on
-XLA:CPU emits the explicit form in compiled HLO and `dense<...>` in StableHLO for shard_map
-programs (checked on (2, 4) and (256, 8) meshes).
+`mesh['a'=4,'b'=8] {'a'}` (sub-axes `'a':(pre)size`, and a `device_ids=([2,4]T(1,0))` or
+`device_ids=(i0,i1,...)` clause, too); StableHLO: `dense<[[...]]>`, the hexadecimal
+`dense<"0x...">` that MLIR prints for large groups, and splats. What jax 0.10.2 on XLA:CPU
+emits (checked): shard_map programs on (2, 4) and (256, 8) meshes, the explicit form in compiled
+HLO and `dense<...>` in StableHLO; GSPMD-partitioned programs (jit with shardings), the mesh
+form (with and without `device_ids`) and the iota form.
 
 Byte conventions, per device and per collective call (S = group size, B = the bytes one device
 passes in, summed over operands):
@@ -196,6 +198,9 @@ def _iota_groups(spec: str) -> np.ndarray:
     raise ValueError(f"cannot parse iota replica groups {spec!r}")
   out_shape = tuple(int(v) for v in m.group(1).split(","))
   dims = tuple(int(v) for v in m.group(2).split(","))
+  if int(np.prod(dims)) != int(np.prod(out_shape)):
+    raise ValueError(f"iota replica groups {spec!r}: {out_shape} groups do not hold the "
+                     f"{int(np.prod(dims))} devices of {dims}")
   ids = np.arange(int(np.prod(dims)), dtype=np.int64).reshape(dims)
   if m.group(3):
     ids = ids.transpose(tuple(int(v) for v in m.group(3).split(",")))
@@ -203,30 +208,51 @@ def _iota_groups(spec: str) -> np.ndarray:
 
 
 def _mesh_groups(spec: str) -> np.ndarray:
-  """`mesh['a'=4,'b'=8] {'a'}` (optionally `'a':(pre)size`) -> [G, S] device ids.
+  """`mesh['a'=4,'b'=8] {'a'}` (optionally `'a':(pre)size` sub-axes and a `device_ids=(...)`
+  clause) -> [G, S] device ids.
 
-  The mesh's devices are numbered row-major (an iota over the axis sizes); each group varies
-  the listed axes (major to minor as listed) with every other axis fixed.
+  The mesh's devices are numbered row-major (an iota over the axis sizes) unless
+  `device_ids=([d0,..]T(p0,..))` (an iota, optionally transposed) or `device_ids=(i0,i1,...)`
+  lists them; each group varies the listed axes (major to minor as listed) with every other
+  axis fixed.
   """
-  m = re.fullmatch(r"mesh\[(.*?)\]\s*(?:<=\[[0-9,]+\](?:T\([0-9,]+\))?)?\s*\{(.*?)\}",
-                   spec.strip(), flags=re.S)
+  m = re.fullmatch(r"mesh\[(.*?)\]\s*(?:,\s*device_ids=\((.*?)\))?\s*\{(.*?)\}", spec.strip(),
+                   flags=re.S)
   if not m:
     raise ValueError(f"cannot parse mesh replica groups {spec!r}")
-  if "<=" in spec:
-    raise ValueError(f"mesh replica groups with an explicit device order are not supported: "
-                     f"{spec!r}")
   axes = OrderedDict()
   for name, size in re.findall(r"'([^']+)'\s*=\s*(\d+)", m.group(1)):
     axes[name] = int(size)
-  # Split sub-axes 'a':(pre)size into ('a', pre, size, rest) pieces.
-  wanted = re.findall(r"'([^']+)'(?::\((\d+)\)(\d+))?", m.group(2))
-  pieces = []  # (axis, piece index, size)
+  n = int(np.prod(list(axes.values()))) if axes else 1
+  if m.group(2):
+    ids_spec = m.group(2).replace(" ", "")
+    if ids_spec.startswith("["):
+      iota = re.fullmatch(r"\[([0-9,]+)\](?:T\(([0-9,]+)\))?", ids_spec)
+      if not iota:
+        raise ValueError(f"cannot parse mesh device_ids in {spec!r}")
+      dims = tuple(int(v) for v in iota.group(1).split(","))
+      ids = np.arange(int(np.prod(dims)), dtype=np.int64).reshape(dims)
+      if iota.group(2):
+        ids = ids.transpose(tuple(int(v) for v in iota.group(2).split(",")))
+      device_ids = ids.reshape(-1)
+    else:
+      device_ids = np.asarray([int(v) for v in ids_spec.split(",") if v], dtype=np.int64)
+    if device_ids.size != n:
+      raise ValueError(f"mesh replica groups {spec!r}: {device_ids.size} device ids for a mesh "
+                       f"of {n} devices")
+  else:
+    device_ids = np.arange(n, dtype=np.int64)
+  # Split sub-axes 'a':(pre)size into (pre, size, rest) pieces.
+  wanted = re.findall(r"'([^']+)'(?::\((\d+)\)(\d+))?", m.group(3))
   split = {}
   for name, pre, size in wanted:
     if name not in axes:
       raise ValueError(f"replica groups name axis {name!r}, not in the mesh {dict(axes)}")
     if pre:
       pre, size = int(pre), int(size)
+      if axes[name] % (pre * size):
+        raise ValueError(f"sub-axis {name!r}:({pre}){size} does not divide axis size "
+                         f"{axes[name]} in {spec!r}")
       split[name] = (pre, size, axes[name] // (pre * size))
   shape, labels = [], []
   for name, size in axes.items():
@@ -237,9 +263,8 @@ def _mesh_groups(spec: str) -> np.ndarray:
     else:
       shape.append(size)
       labels.append((name, None))
-  for name, pre, size in wanted:
-    pieces.append(labels.index((name, 1 if pre else None)))
-  ids = np.arange(int(np.prod(shape)), dtype=np.int64).reshape(shape)
+  pieces = [labels.index((name, 1 if pre else None)) for name, pre, _ in wanted]
+  ids = device_ids.reshape(shape)
   rest = [i for i in range(len(shape)) if i not in pieces]
   ids = ids.transpose(rest + pieces)
   group = int(np.prod([shape[i] for i in pieces])) if pieces else 1
@@ -285,14 +310,11 @@ def _attr_value(text: str, key: str) -> Optional[str]:
   i = m.end()
   if text.startswith("mesh[", i):
     j = _balanced(text, i + 4, "[", "]")
+    d = re.match(r",\s*device_ids=", text[j:])
+    if d:
+      j = _balanced(text, j + d.end(), "(", ")")
     while j < len(text) and text[j] == " ":
       j += 1
-    if text.startswith("<=", j):
-      j = _balanced(text, j + 2, "[", "]")
-      if text.startswith("T(", j):
-        j = _balanced(text, j + 1, "(", ")")
-      while j < len(text) and text[j] == " ":
-        j += 1
     return text[i:_balanced(text, j, "{", "}")]
   if text[i] == "{":
     return text[i:_balanced(text, i, "{", "}")]

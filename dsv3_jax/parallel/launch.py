@@ -42,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from typing import Any, Callable, Optional, Sequence
 
 MAX_LOCAL_DEVICES = 256  # XLA:CPU kMaxIntraOpThreads (NOTES-2048)
@@ -184,11 +185,14 @@ class LaunchResult:
   """What `launch` measured.
 
   results: each process's return value, by process id.
-  peak_rss: [P] bytes, each process's peak resident set (getrusage, from the worker).
+  peak_rss: [P] bytes, each process's peak resident set: the larger of the worker's own
+    getrusage peak (when it wrote its result) and the launcher's samples.
   peak_rss_total: bytes, the largest sum of the processes' resident sets seen by the
     launcher's sampling (every `poll_s`); <= sum(peak_rss).
   wall_s: seconds from the first spawn to the last exit.
   log_dir: directory holding process_<i>.log (stdout + stderr of each process).
+  layout: the checked `Layout`.
+  rss_trace: [(seconds since the first spawn, summed resident bytes)], one per sample.
   """
 
   results: list
@@ -197,10 +201,21 @@ class LaunchResult:
   wall_s: float
   log_dir: str
   layout: Layout
+  rss_trace: list = dataclasses.field(default_factory=list)
 
 
 class LaunchError(RuntimeError):
-  """A worker failed or the job timed out; the message carries the failing log's tail."""
+  """A worker failed, the job timed out or ran out of its memory limit; the message carries
+  the relevant log's tail, `rss_trace` the memory samples taken until then (as in
+  `LaunchResult`)."""
+
+  rss_trace: list = []
+
+
+def _error(trace: list, message: str) -> LaunchError:
+  err = LaunchError(message)
+  err.rss_trace = list(trace)
+  return err
 
 
 def _rss_bytes(pid: int) -> int:
@@ -225,12 +240,18 @@ def _tail(path: str, n: int = 4000) -> str:
     return ""
 
 
-def _child_setup():
-  """In the child, before exec: die with the launcher (PR_SET_PDEATHSIG = SIGKILL)."""
+def _die_with_launcher() -> None:
+  """In a worker started by `launch`: get SIGKILL when the launcher dies (Linux
+  PR_SET_PDEATHSIG), and exit at once if it is already gone."""
+  parent = os.environ.get("DSV3_LAUNCHER_PID")
+  if not parent:
+    return
   try:
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
-  except OSError:
-    pass
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+  except (OSError, AttributeError):
+    return
+  if os.getppid() != int(parent):
+    os._exit(1)
 
 
 def launch(target: str, n_devices: int, processes: int, kwargs: Optional[dict] = None, *,
@@ -238,7 +259,9 @@ def launch(target: str, n_devices: int, processes: int, kwargs: Optional[dict] =
            log_dir: Optional[str] = None, echo: bool = False, poll_s: float = 0.5,
            env: Optional[dict] = None, python: str = sys.executable,
            init_timeout_s: int = 600, heartbeat_timeout_s: int = 600,
-           share_binary: bool = True) -> LaunchResult:
+           share_binary: bool = True,
+           max_local_devices: int = MAX_LOCAL_DEVICES,
+           max_rss_bytes: Optional[int] = None) -> LaunchResult:
   """Runs `target(**kwargs)` in P local processes that form one N-device JAX cluster.
 
   Each process emulates L = N / P CPU devices, selects gloo CPU collectives and joins the
@@ -260,22 +283,28 @@ def launch(target: str, n_devices: int, processes: int, kwargs: Optional[dict] =
     group_sizes: replica-group sizes of the program's collectives, for the open-file check.
     timeout_s: wall-clock limit for the whole job, seconds.
     log_dir: where process_<i>.log and the result files go (default: a new temp directory).
-    echo: copy process 0's output lines to this process's stdout as they arrive.
+    echo: copy process 0's output lines to this process's stdout as they arrive (without
+      gloo's per-connection "[Gloo] Rank ..." lines).
     poll_s: seconds between liveness / memory samples.
     env: extra environment variables for the workers.
     python: interpreter for the workers.
     init_timeout_s, heartbeat_timeout_s: `jax.distributed.initialize` timeouts, seconds.
     share_binary: compile once in process 0 and share the executable (see above).
+    max_local_devices: devices allowed per process; raise it only for programs that are
+      compiled and not executed (compiling any device count in one process works).
+    max_rss_bytes: kill the job when the sampled resident memory summed over the workers
+      exceeds this (None: no limit).
 
   Returns:
     `LaunchResult`.
 
   Raises:
     ValueError: an invalid layout (`check_layout`) or a bad target string.
-    LaunchError: a worker exited non-zero or the job ran past `timeout_s` (the processes are
-      killed first; the message names the process and ends with its log's tail).
+    LaunchError: a worker exited non-zero, the job ran past `timeout_s` or its memory past
+      `max_rss_bytes` (the processes are killed first; the message says which and ends with
+      the tail of the relevant log).
   """
-  layout = check_layout(n_devices, processes, group_sizes)
+  layout = check_layout(n_devices, processes, group_sizes, max_local_devices=max_local_devices)
   if ":" not in target:
     raise ValueError(f"launch: target={target!r} must be 'module:function' or "
                      "'file.py:function'")
@@ -288,6 +317,7 @@ def launch(target: str, n_devices: int, processes: int, kwargs: Optional[dict] =
   child_env["PYTHONPATH"] = os.pathsep.join(
       [_REPO_ROOT] + [p for p in child_env.get("PYTHONPATH", "").split(os.pathsep) if p])
   child_env["PYTHONUNBUFFERED"] = "1"
+  child_env["DSV3_LAUNCHER_PID"] = str(os.getpid())
   child_env.update(env or {})
   procs: list[subprocess.Popen] = []
   logs = []
@@ -325,6 +355,8 @@ def launch(target: str, n_devices: int, processes: int, kwargs: Optional[dict] =
   peak_total = 0
   echo_pos = 0
   try:
+    peak_each = [0] * processes
+    trace = []
     for i in range(processes):
       cmd = [python, "-m", "dsv3_jax.parallel.launch", "worker", "--target", target,
              "--kwargs", json.dumps(kwargs), "--result", os.path.join(log_dir, f"result_{i}.json"),
@@ -340,37 +372,48 @@ def launch(target: str, n_devices: int, processes: int, kwargs: Optional[dict] =
       log.write((" ".join(shlex.quote(c) for c in cmd) + "\n").encode())
       log.flush()
       p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env,
-                           cwd=_REPO_ROOT, process_group=0 if pgid is None else pgid,
-                           preexec_fn=_child_setup)
+                           cwd=_REPO_ROOT, process_group=0 if pgid is None else pgid)
       procs.append(p)
       if pgid is None:
         pgid = p.pid
     while True:
       codes = [p.poll() for p in procs]
-      peak_total = max(peak_total, sum(_rss_bytes(p.pid) for p in procs if p.poll() is None))
+      now = [_rss_bytes(p.pid) if c is None else 0 for p, c in zip(procs, codes)]
+      peak_each = [max(a, b) for a, b in zip(peak_each, now)]
+      peak_total = max(peak_total, sum(now))
+      trace.append((round(time.time() - start, 2), sum(now)))
       if echo:
-        text = _tail(os.path.join(log_dir, "process_0.log"), 1 << 20)
-        size = os.path.getsize(os.path.join(log_dir, "process_0.log"))
-        if size > echo_pos:
-          new = text[-(size - echo_pos):] if size - echo_pos <= len(text) else text
-          sys.stdout.write(new)
+        with open(os.path.join(log_dir, "process_0.log"), "rb") as f:
+          f.seek(echo_pos)
+          chunk = f.read()
+        chunk = chunk[:chunk.rfind(b"\n") + 1]  # whole lines only
+        if chunk:
+          echo_pos += len(chunk)
+          lines = chunk.decode(errors="replace").splitlines(keepends=True)
+          sys.stdout.write("".join(l for l in lines if not l.startswith("[Gloo]")))
           sys.stdout.flush()
-          echo_pos = size
       failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
       if failed:
         i, c = failed[0]
         kill_all()
-        raise LaunchError(
+        raise _error(trace,
             f"launch: process {i} of {processes} exited with code {c} after "
             f"{time.time() - start:.1f} s; all workers killed. Log "
             f"{os.path.join(log_dir, f'process_{i}.log')} ends with:\n"
             f"{_tail(os.path.join(log_dir, f'process_{i}.log'))}")
       if all(c == 0 for c in codes):
         break
+      if max_rss_bytes is not None and sum(now) > max_rss_bytes:
+        kill_all()
+        raise _error(trace,
+            f"launch: the workers' resident memory reached {sum(now) / 2**30:.2f} GiB after "
+            f"{time.time() - start:.1f} s, over max_rss_bytes = {max_rss_bytes / 2**30:.2f} "
+            f"GiB; all workers killed. Log {os.path.join(log_dir, 'process_0.log')} ends "
+            f"with:\n{_tail(os.path.join(log_dir, 'process_0.log'))}")
       if time.time() - start > timeout_s:
         done = [i for i, c in enumerate(codes) if c == 0]
         kill_all()
-        raise LaunchError(
+        raise _error(trace,
             f"launch: timeout after {timeout_s:.0f} s ({len(done)} of {processes} processes had "
             f"finished); all workers killed. Log {os.path.join(log_dir, 'process_0.log')} ends "
             f"with:\n{_tail(os.path.join(log_dir, 'process_0.log'))}")
@@ -389,8 +432,8 @@ def launch(target: str, n_devices: int, processes: int, kwargs: Optional[dict] =
     with open(os.path.join(log_dir, f"result_{i}.json")) as f:
       r = json.load(f)
     results.append(r["result"])
-    rss.append(int(r["peak_rss"]))
-  return LaunchResult(results, rss, int(peak_total), wall, log_dir, layout)
+    rss.append(max(int(r["peak_rss"]), peak_each[i]))
+  return LaunchResult(results, rss, int(peak_total), wall, log_dir, layout, trace)
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -483,6 +526,7 @@ def worker_main(argv: Optional[Sequence[str]] = None) -> None:
   ap.add_argument("--share-binary", action="store_true")
   a = ap.parse_args(argv)
   t0 = time.time()
+  _die_with_launcher()
   if a.cpu_devices:
     flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
                      if not f.startswith(_DEVICE_FLAG))
@@ -505,8 +549,16 @@ def worker_main(argv: Optional[Sequence[str]] = None) -> None:
                                num_processes=a.num_processes, process_id=a.process_id,
                                initialization_timeout=a.init_timeout,
                                heartbeat_timeout_seconds=a.heartbeat_timeout)
-  fn = _load_target(a.target)
-  result = fn(**json.loads(a.kwargs))
+  try:
+    fn = _load_target(a.target)
+    result = fn(**json.loads(a.kwargs))
+  except BaseException:
+    # Exit now: a normal exit would run jax.distributed's shutdown, which waits (up to its
+    # shutdown timeout) for the peers at a barrier they may never reach.
+    traceback.print_exc()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
   out = dict(result=result, peak_rss=peak_rss_bytes(), process_id=jax.process_index(),
              wall_s=time.time() - t0)
   tmp = a.result + ".tmp"
