@@ -115,7 +115,7 @@ def moe_step(nodes: int, gpus: int, schedule: str, tokens: int, hidden: int, ffn
                     n_group=nodes, topk_group=min(topk_group, nodes), num_experts_per_tok=top_k,
                     n_shared_experts=1, dispatch=schedule,
                     capacity_factor=capacity_factor).validate()
-  mesh = make_mesh(nodes, gpus)
+  mesh = make_mesh(nodes, gpus, devices=launch.cluster_devices(n))
   axes = ("node", "gpu")
   # The layer's structure without running its initialisers (which would compile a few dozen
   # small XLA programs, ~125 MB of resident memory in each of the 32 processes); the values are
@@ -201,7 +201,7 @@ def moe_step(nodes: int, gpus: int, schedule: str, tokens: int, hidden: int, ffn
     rss["compiled"] = _rss_mib()
   out = dict(devices=n, nodes=nodes, gpus=gpus, schedule=schedule, capacity=list(capacity),
              process_index=jax.process_index(), process_count=jax.process_count(),
-             local_devices=jax.local_device_count(), lower_s=t_lower, compile_s=t_compile,
+             local_devices=n // jax.process_count(), lower_s=t_lower, compile_s=t_compile,
              setup_s=t0 - t_start, row_bytes=dispatch.payload_bytes_per_row(None, hidden,
                                                                             jnp.float32))
   try:
@@ -269,11 +269,13 @@ def _group_sizes(schedule: str, n: int) -> tuple[int, ...]:
 
 def measure(n: int, schedule: str, *, steps: int, max_processes: int, timeout_s: float,
             processes: int | None = None, compile_only: str = "", echo: bool = True,
-            log=print) -> tuple[dict, list[dict]]:
+            spare_devices: int = 64, log=print) -> tuple[dict, list[dict]]:
   """Runs (or, when it cannot run here, compiles) one configuration.
 
   Args:
     compile_only: a reason to compile without executing ("" = execute when it fits).
+    spare_devices: unused devices each process of a multi-process run emulates, for thread
+      headroom (`launch.launch`); capped so that a process holds at most 256.
 
   Returns:
     (run row for the csv, hlo rows for the csv).
@@ -304,12 +306,19 @@ def measure(n: int, schedule: str, *, steps: int, max_processes: int, timeout_s:
                compile_s=res["compile_s"], lower_s=res["lower_s"],
                peak_rss_sum_bytes=sum(r.peak_rss), wall_s=r.wall_s)
   else:
-    log(f"[{n} {schedule}] running on {p} process(es) x {n // p} devices")
+    spare = min(spare_devices, launch.MAX_LOCAL_DEVICES - n // p) if p > 1 else 0
+    log(f"[{n} {schedule}] running on {p} process(es) x {n // p} devices (+{spare} spare)")
+    # Multi-process: single-threaded Eigen inside each device's program, so that a device's
+    # kernels do not fan out over the process's shared pool while other devices block in
+    # collectives (see `launch.launch`'s spare_devices).
+    env = {"XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") +
+                         " --xla_cpu_multi_thread_eigen=false").strip()} if p > 1 else None
     r = launch.launch(f"experiments.{NAME}:moe_step", n, p, kwargs, group_sizes=groups,
-                      timeout_s=timeout_s, echo=echo)
+                      timeout_s=timeout_s, echo=echo, spare_devices=spare, env=env)
     res = r.results[0]
     steady = res["step_s"][1:] or res["step_s"]
     row.update(executed="yes", reason="", processes=p, local_devices=n // p,
+               spare_devices=spare,
                lower_s=res["lower_s"], compile_s=res["compile_s"],
                compile_s_max=max(x["compile_s"] for x in r.results),
                first_step_s=res["step_s"][0], step_s=statistics.median(steady),
@@ -381,6 +390,29 @@ def _s(v, d=2) -> str:
   return "—" if v in ("", None) else f"{float(v):,.{d}f}"
 
 
+# What the 32-process execution at 2048 devices did on this machine (jax 0.10.2, 2 cores,
+# 24 GiB), observed in four attempts on 2026-11-29/30 with `experiments/scale_2048.py`. Shown in
+# the results while no executed 2048-device row exists.
+NOT_EXECUTED_2048 = """## The 2048-device run: not completed here
+
+Executing the two_hop step on 256 x 8 devices needs at least 32 processes of 64 devices (gloo's
+sockets against the 20000 open-file limit, `launch.min_processes`). The launcher starts them,
+process 0 compiles the step (33-37 s) and the others load its executable, every process builds
+its gloo communicators for the 256-member `node` groups and for the 8-member `gpu` groups, and
+then the first step hangs: all CPU goes idle and no process makes progress until the launcher's
+timeout kills the job (14 min). A stack dump (gdb) of a hung process shows half of its 64
+device programs inside `xla::cpu::GlooCommunicator::AllReduce` waiting to receive, the other
+half not running at all, and no thread in XLA's compute; the processes are not out of memory
+(17 of 24 GiB). Tried without effect: single-threaded Eigen kernels
+(`--xla_cpu_multi_thread_eigen=false`) and 64 spare emulated devices per process (twice the
+thread pools; `launch(..., spare_devices=64)`). The same launcher and step execute on 2 x 256
+(512 devices, two_hop), 16 x 32 (512, flat: a 512-member all-to-all) and 8 x 128 (1024,
+two_hop) processes x devices, and in one process up to 256 devices (table below), so the hang is
+specific to the 32-process layout that 2048 devices require here; its cause inside XLA:CPU's
+gloo collectives is not identified. The compiled 2048-device programs and their collectives
+(compile-only, one process) are below."""
+
+
 def render(rows: list[dict], script: str = f"{NAME}.py") -> None:
   """Writes results/scale_2048.md and .png from the csv rows."""
   from experiments import _report as R
@@ -435,6 +467,8 @@ def render(rows: list[dict], script: str = f"{NAME}.py") -> None:
         "Rows and bytes per link class (one forward dispatch, summed over all devices, from "
         "`DispatchStats`; combine moves the same rows back, and the backward pass repeats "
         f"both; {int(rb)} bytes per float32 row of hidden {SHAPES['hidden']}):", "", link]))
+  else:
+    sections.append(NOT_EXECUTED_2048)
   for sched in SCHEDULES:
     rs = [r for r in hlos if int(r["devices"]) == 2048 and r["schedule"] == sched]
     if not rs:
@@ -525,6 +559,10 @@ def main(argv=None) -> None:
   ap.add_argument("--max-processes", type=int, default=32,
                   help="largest process count to execute (more are compiled only)")
   ap.add_argument("--timeout", type=float, default=840.0, help="seconds per configuration")
+  ap.add_argument("--spare-devices", type=int, default=64,
+                  help="unused devices per process of a multi-process run (thread headroom)")
+  ap.add_argument("--compile-only", default="", metavar="REASON",
+                  help="compile without executing (one process), recording REASON")
   ap.add_argument("--no-write", action="store_true", help="print only")
   a = ap.parse_args(argv)
   devices = (tuple(int(v) for v in a.devices.split(",")) if a.devices else
@@ -544,7 +582,8 @@ def main(argv=None) -> None:
   runs, hlos = [], []
   for n in devices:
     for s in schedules:
-      r, h = measure(n, s, steps=a.steps, max_processes=a.max_processes, timeout_s=a.timeout)
+      r, h = measure(n, s, steps=a.steps, max_processes=a.max_processes, timeout_s=a.timeout,
+                     spare_devices=a.spare_devices, compile_only=a.compile_only)
       runs.append(r)
       hlos.extend(h)
   if not a.table and devices == (2048,) and "flat" not in schedules:

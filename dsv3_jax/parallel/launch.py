@@ -261,6 +261,7 @@ def launch(target: str, n_devices: int, processes: int, kwargs: Optional[dict] =
            init_timeout_s: int = 600, heartbeat_timeout_s: int = 600,
            share_binary: bool = True,
            max_local_devices: int = MAX_LOCAL_DEVICES,
+           spare_devices: int = 0,
            max_rss_bytes: Optional[int] = None) -> LaunchResult:
   """Runs `target(**kwargs)` in P local processes that form one N-device JAX cluster.
 
@@ -292,6 +293,13 @@ def launch(target: str, n_devices: int, processes: int, kwargs: Optional[dict] =
     share_binary: compile once in process 0 and share the executable (see above).
     max_local_devices: devices allowed per process; raise it only for programs that are
       compiled and not executed (compiling any device count in one process works).
+    spare_devices: extra CPU devices each process emulates beyond its L, which the program
+      does not use (build the mesh from `cluster_devices`). XLA:CPU sizes a process's thread
+      pools by its device count (~2 threads per emulated device, measured) and a device
+      blocked in a collective holds a pool thread; with exactly L devices, devices blocked in
+      one collective can starve the pool tasks a late device needs to reach it, and the job
+      hangs (measured: 32 processes x 64 devices, two_hop MoE step). Spare devices add idle
+      threads; they join no collective and open no socket.
     max_rss_bytes: kill the job when the sampled resident memory summed over the workers
       exceeds this (None: no limit).
 
@@ -305,6 +313,11 @@ def launch(target: str, n_devices: int, processes: int, kwargs: Optional[dict] =
       the tail of the relevant log).
   """
   layout = check_layout(n_devices, processes, group_sizes, max_local_devices=max_local_devices)
+  if not isinstance(spare_devices, int) or spare_devices < 0 or (
+      processes > 1 and layout.local_devices + spare_devices > MAX_LOCAL_DEVICES):
+    raise ValueError(f"launch: spare_devices={spare_devices!r} must be an integer >= 0 with "
+                     f"local devices {layout.local_devices} + spare_devices <= "
+                     f"{MAX_LOCAL_DEVICES}")
   if ":" not in target:
     raise ValueError(f"launch: target={target!r} must be 'module:function' or "
                      "'file.py:function'")
@@ -360,7 +373,7 @@ def launch(target: str, n_devices: int, processes: int, kwargs: Optional[dict] =
     for i in range(processes):
       cmd = [python, "-m", "dsv3_jax.parallel.launch", "worker", "--target", target,
              "--kwargs", json.dumps(kwargs), "--result", os.path.join(log_dir, f"result_{i}.json"),
-             "--cpu-devices", str(layout.local_devices)]
+             "--cpu-devices", str(layout.local_devices + spare_devices)]
       if processes > 1:
         cmd += ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(processes),
                 "--process-id", str(i), "--init-timeout", str(init_timeout_s),
@@ -468,6 +481,31 @@ def barrier(name: str, timeout_s: float = 600.0) -> None:
   client = distributed.global_state.client
   if client is not None:
     client.wait_at_barrier(name, int(timeout_s * 1000))
+
+
+def cluster_devices(n_devices: int) -> list:
+  """The devices a program of `n_devices` runs on: the first N / P local devices of each of the
+  P processes, process 0's first (with `launch(..., spare_devices=S)` each process emulates
+  N / P + S devices, the S spare ones unused). In one process: `jax.devices()[:n_devices]`.
+
+  Raises:
+    ValueError: the processes hold fewer than n_devices devices or N is not divisible by P.
+  """
+  import jax
+
+  procs = jax.process_count()
+  if n_devices % procs:
+    raise ValueError(f"cluster_devices: n_devices={n_devices} is not divisible by the "
+                     f"{procs} processes")
+  per = n_devices // procs
+  by_process = {}
+  for d in sorted(jax.devices(), key=lambda d: d.id):
+    by_process.setdefault(d.process_index, []).append(d)
+  if any(len(by_process.get(i, [])) < per for i in range(procs)):
+    raise ValueError(f"cluster_devices: n_devices={n_devices} needs {per} devices on each of "
+                     f"{procs} processes, have "
+                     f"{[len(by_process.get(i, [])) for i in range(procs)]}")
+  return [d for i in range(procs) for d in by_process[i][:per]]
 
 
 def trim_memory() -> None:

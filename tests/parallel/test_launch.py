@@ -37,7 +37,8 @@ def two_hop_worker(nodes: int, gpus: int, t_local: int, k: int, d: int, f: int) 
   wd = rng.standard_normal((e, f, d)).astype(np.float32) * 0.3
   valid = np.ones((t,), bool)
 
-  mesh = make_mesh(nodes, gpus)
+  devices = launch.cluster_devices(n_dev)  # N / P local devices of each process, spares unused
+  mesh = make_mesh(nodes, gpus, devices=devices)
   topo = dispatch.EPTopology(nodes, gpus)
   sched = dispatch.get_schedule("two_hop")
   cap = sched.worst_case_capacity(t_local, e, k, topo, nodes)
@@ -85,12 +86,14 @@ def sleep_forever() -> dict:
 
 
 def test_two_processes_run_two_hop_dispatch_equal_to_dense_reference(tmp_path):
+  # Each process emulates 4 + 2 devices; the program runs on 4 of each.
   r = launch.launch(f"{THIS}:two_hop_worker", 8, 2,
                     dict(nodes=2, gpus=4, t_local=3, k=3, d=8, f=4),
-                    group_sizes=(2, 4), timeout_s=120, log_dir=str(tmp_path))
+                    group_sizes=(2, 4), timeout_s=120, log_dir=str(tmp_path), spare_devices=2)
   assert [x["process"] for x in r.results] == [0, 1]
   for x in r.results:
-    assert (x["processes"], x["devices"], x["local"], x["shards"]) == (2, 8, 4, 4)
+    # 12 emulated devices (6 per process), the program's arrays on 4 of each process's 6.
+    assert (x["processes"], x["devices"], x["local"], x["shards"]) == (2, 12, 6, 4)
     assert x["max_err"] < 1e-5 and x["max_grad_err"] < 1e-5
     assert x["dropped"] == 0.0
   assert len(r.peak_rss) == 2 and all(b > 0 for b in r.peak_rss)
@@ -156,6 +159,8 @@ def test_layouts_that_cannot_work_are_refused():
     launch.launch("nocolon", 8, 2)
   with pytest.raises(ValueError, match="not divisible"):
     launch.launch(f"{THIS}:sleep_forever", 8, 3)  # refused before anything starts
+  with pytest.raises(ValueError, match=r"spare_devices=200 .* local devices 64 \+ spare_devices"):
+    launch.launch(f"{THIS}:sleep_forever", 2048, 32, spare_devices=200)
 
 
 def test_workers_die_with_a_killed_launcher(tmp_path):
