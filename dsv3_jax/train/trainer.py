@@ -505,7 +505,15 @@ def train(cfg, *, progress: bool = True, log: Callable[[str], None] = print) -> 
       step_time_s=float(np.median(times)), tokens_per_s=tokens_per_step / float(np.median(times)),
       first_step_s=first_step_s, recompiles=recompiles, capacity=list(capacity),
       devices=n_dev, tokens_per_step=tokens_per_step, final=last)
-  with open(os.path.join(t.workdir, "summary.json"), "w") as f:
+  summary_path = os.path.join(t.workdir, "summary.json")
+  if first_step_s is None and os.path.exists(summary_path):
+    # Resumed a finished run: no step ran now, so keep the timings of the run that trained it.
+    with open(summary_path) as f:
+      before = json.load(f)
+    for key in ("step_time_s", "tokens_per_s", "first_step_s", "recompiles", "final"):
+      if key in before:
+        summary[key] = before[key]
+  with open(summary_path, "w") as f:
     json.dump(summary, f, indent=2)
   log(f"held-out loss {heldout:.4f} nats/byte (bigram entropy {h2:.3f}) | step "
       f"{summary['step_time_s']:.3f} s | {summary['tokens_per_s']:.0f} tokens/s")

@@ -89,6 +89,12 @@ def test_short_run_learns_resumes_and_writes_metrics(tmp_path):
   assert s2["resumed_from"] == 30
   lines = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
   assert lines[-1]["step"] == 35
+  # Rerunning a finished run trains nothing, re-evaluates the same held-out loss and keeps the
+  # timings of the steps that trained it.
+  s3 = trainer.train(cfg, progress=False, log=lambda *_: None)
+  assert s3["resumed_from"] == 35 and s3["heldout_loss"] == pytest.approx(s2["heldout_loss"])
+  assert (s3["step_time_s"], s3["first_step_s"]) == (s2["step_time_s"], s2["first_step_s"])
+  assert np.isfinite(s3["tokens_per_s"])
 
 
 @pytest.mark.parametrize("change,match", [
