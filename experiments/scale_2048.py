@@ -395,7 +395,7 @@ def _s(v, d=2) -> str:
 
 
 # What the 32-process execution at 2048 devices did on this machine (jax 0.10.2, 2 cores,
-# 24 GiB), observed in four attempts on 2026-11-29/30 with `experiments/scale_2048.py`. Shown in
+# 24 GiB), observed in five attempts on 2026-11-29/30 with `experiments/scale_2048.py`. Shown in
 # the results while no executed 2048-device row exists.
 NOT_EXECUTED_2048 = """## The 2048-device run: not completed here
 
