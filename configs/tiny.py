@@ -65,9 +65,10 @@ def get_config() -> config_dict.ConfigDict:
   c.mesh = config_dict.ConfigDict(dict(nodes=1, gpus_per_node=1,
                                        ep_nodes=config_dict.placeholder(int)))
   # Data: None = the embedded default corpus (this Python's standard library sources);
-  # otherwise a list of text files or directories (every *.py, *.txt, *.md below them).
+  # otherwise a tuple of text files or directories (every *.py, *.txt, *.md below them); on the
+  # command line: --config.data.paths="('/my/texts',)".
   c.data = config_dict.ConfigDict(dict(
-      paths=config_dict.placeholder(list),
+      paths=config_dict.placeholder(tuple),
       seq_len=256,
       heldout_fraction=0.05,
       eval_sequences=256,

@@ -1,5 +1,6 @@
 """`dsv3-train` end to end in a subprocess (it sets the emulated device count itself)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -29,6 +30,30 @@ def test_main_job_config_runs_on_32_emulated_devices(tmp_path):
             "--config.data.eval_sequences=32", f"--config.train.workdir={work}"], tmp_path)
   assert r.returncode == 0, r.stderr[-2000:]
   assert "held-out loss" in r.stdout
-  import json
   summary = json.load(open(work / "summary.json"))
   assert summary["devices"] == 32 and summary["steps"] == 2
+
+
+def test_own_data_paths_override_from_the_command_line(tmp_path):
+  # `--config.data.paths` takes a tuple of files or folders (README, Configs); a missing one
+  # stops before anything is written, with the trainer's message.
+  work = tmp_path / "run"
+  r = _run([f"--config={ROOT}/configs/tiny.py", "--config.data.paths=('/no/such/texts',)",
+            f"--config.train.workdir={work}"], tmp_path)
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert "data.paths: '/no/such/texts' does not exist" in r.stderr
+  assert not work.exists()
+
+
+def test_own_data_folder_trains_from_the_command_line(tmp_path):
+  import sysconfig
+
+  work = tmp_path / "run"
+  stdlib = sysconfig.get_paths()["stdlib"]
+  r = _run([f"--config={ROOT}/configs/tiny.py", f"--config.data.paths=('{stdlib}',)",
+            "--config.train.steps=1", "--config.train.eval_every=1",
+            "--config.data.eval_sequences=8", f"--config.train.workdir={work}"], tmp_path)
+  assert r.returncode == 0, r.stderr[-2000:]
+  config = json.load(open(work / "config.json"))
+  assert config["data"]["paths"] == [stdlib]
+  assert "held-out loss" in r.stdout

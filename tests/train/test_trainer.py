@@ -103,7 +103,7 @@ def test_short_run_learns_resumes_and_writes_metrics(tmp_path):
     (("model", "topk_group", 5), "topk_group=5 must be <= model.n_group=4"),
     (("model", "num_experts_per_tok", 9), "num_experts_per_tok=9 exceeds"),
     (("mesh", "nodes", 64), "needs 256 devices but jax has 32"),
-    (("data", "paths", ["/no/such/file.txt"]), "does not exist"),
+    (("data", "paths", ("/no/such/file.txt",)), "does not exist"),
     (("model", "dispatch", "ring"), "allowed: \\('flat', 'two_hop'\\)"),
     (("train", "batch_size", 12), "batch_size=12 must be divisible by the 8 devices"),
 ])
