@@ -191,12 +191,13 @@ def main() -> None:
       f"{args.batch} x 256 bytes per step, MTP depth 1, one device; {args.train_steps} untimed "
       f"training steps, then {args.steps} timed steps (median and minimum).",
       f"**Step-time ratio FP8 / BF16 on this CPU: {ratio:.2f}** (median; {ratio_min:.2f} on "
-      "the minima). This is the cost of *emulating* the FP8 recipe: every FP8 GEMM operand is "
-      "quantized and dequantized (1 x 128 tiles, 128 x 128 blocks, power-of-two scales, in "
-      "the backward pass also the re-quantization along the token axis for the weight "
-      "gradients), and the GEMM itself runs in float32 on the dequantized values. On a CPU "
-      "there is no FP8 arithmetic to gain from; on H800 the report's FP8 GEMMs run at twice "
-      "the BF16 rate.",
+      "the minima). The FP8 recipe is *emulated*: every FP8 GEMM operand is quantized and "
+      "dequantized (1 x 128 tiles, 128 x 128 blocks, power-of-two scales, in the backward "
+      "pass also the re-quantization along the token axis for the weight gradients), and the "
+      "GEMM multiplies the dequantized values as bfloat16 x bfloat16 with float32 "
+      "accumulation. The QDQ work is pure overhead; a ratio below 1 comes from the GEMM form "
+      "(see the ops table below), not from FP8 arithmetic, which a CPU does not have. On H800 "
+      "the report's FP8 GEMMs run at twice the BF16 rate.",
       table,
       "Per-family rows: only that family's GEMMs in FP8 (the rest BF16), to show where the "
       "overhead comes from.",
