@@ -74,20 +74,12 @@ def measure(mtp_depth: int, mesh_shape, steps: int, train_steps: int, batch: int
 
 
 def main() -> None:
+  from experiments import _report as R
+
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--steps", type=int, default=20, help="timed steps per variant")
-  ap.add_argument("--train-steps", type=int, default=30, help="untimed steps first")
-  ap.add_argument("--batch", type=int, default=8, help="sequences of 256 bytes per step")
-  ap.add_argument("--quick", action="store_true", help="3 timed steps, 2 untimed (smoke test)")
+  R.add_step_timing_args(ap)
   ap.add_argument("--out", default=os.path.join(ROOT, "results"), help="results folder")
-  args = ap.parse_args()
-  if args.quick:
-    args.steps, args.train_steps = 3, 2
-  for name in ("steps", "batch"):
-    if getattr(args, name) < 1:
-      ap.error(f"--{name} must be >= 1")
-  if args.train_steps < 0:
-    ap.error("--train-steps must be >= 0")
+  args = R.parse_step_timing_args(ap)
 
   import jax
   rows = []

@@ -143,23 +143,13 @@ def op_rows(reps: int) -> list[dict]:
 
 
 def main() -> None:
+  import _report as R
+
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--steps", type=int, default=20, help="timed steps per variant")
-  ap.add_argument("--train-steps", type=int, default=30, help="untimed steps first")
-  ap.add_argument("--batch", type=int, default=8, help="sequences of 256 bytes per step")
-  ap.add_argument("--quick", action="store_true", help="3 timed steps, 2 untimed (smoke test)")
-  args = ap.parse_args()
-  if args.quick:
-    args.steps, args.train_steps = 3, 2
-  for name in ("steps", "batch"):
-    if getattr(args, name) < 1:
-      ap.error(f"--{name} must be >= 1")
-  if args.train_steps < 0:
-    ap.error("--train-steps must be >= 0")
+  R.add_step_timing_args(ap)
+  args = R.parse_step_timing_args(ap)
 
   import jax
-
-  import _report as R
 
   rows = []
   for name, overrides in VARIANTS:
