@@ -314,7 +314,8 @@ def measure(n: int, schedule: str, *, steps: int, max_processes: int, timeout_s:
     log(f"[{n} {schedule}] running on {p} process(es) x {n // p} devices (+{spare} spare)")
     # Multi-process: single-threaded Eigen inside each device's program, so that a device's
     # kernels do not fan out over the process's shared pool while other devices block in
-    # collectives (see `launch.launch`'s spare_devices).
+    # collectives (see `launch.launch`'s spare_devices). The table's multi-process rows were
+    # measured with both settings; neither cures the 32-process hang at 2048 devices.
     env = {"XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") +
                          " --xla_cpu_multi_thread_eigen=false").strip()} if p > 1 else None
     r = launch.launch(f"experiments.{NAME}:moe_step", n, p, kwargs, group_sizes=groups,

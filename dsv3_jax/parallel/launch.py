@@ -296,10 +296,9 @@ def launch(target: str, n_devices: int, processes: int, kwargs: Optional[dict] =
     spare_devices: extra CPU devices each process emulates beyond its L, which the program
       does not use (build the mesh from `cluster_devices`). XLA:CPU sizes a process's thread
       pools by its device count (~2 threads per emulated device, measured) and a device
-      blocked in a collective holds a pool thread; with exactly L devices, devices blocked in
-      one collective can starve the pool tasks a late device needs to reach it, and the job
-      hangs (measured: 32 processes x 64 devices, two_hop MoE step). Spare devices add idle
-      threads; they join no collective and open no socket.
+      blocked in a collective holds a pool thread, so spare devices give headroom against
+      pool starvation; they join no collective and open no socket. Measured: they do not cure
+      the hang of the 2048-device step on 32 processes x 64 devices (results/scale_2048.md).
     max_rss_bytes: kill the job when the sampled resident memory summed over the workers
       exceeds this (None: no limit).
 
