@@ -12,7 +12,7 @@ LogFMT-nBit for the combine. Two parts:
 2. Measured in a real expert-parallel run: a few steps of the main job (configs/orion_4x8_bf16.py:
    4 x 8 emulated devices, flat dispatch, BF16 compute) with each payload format both ways.
    The run's metrics count the token rows that cross each link class; the program's lowered
-   StableHLO (what an accelerator would be asked to send, `parallel.hlo.parse_stablehlo`) gives
+   StableHLO (what an accelerator would be asked to send, `cluster.hlo.parse_stablehlo`) gives
    the bytes each all_to_all moves per buffer row, split into dispatch and combine. Bytes per
    token = rows per token (measured) x wire bytes per row (from the program).
 
@@ -70,7 +70,7 @@ def _a2a_bytes_per_buffer_row(cfg, capacity) -> tuple[float, float]:
 
   from dsv3_jax.model.config import ModelConfig
   from dsv3_jax.model.transformer import Transformer
-  from dsv3_jax.parallel import hlo
+  from dsv3_jax.cluster import hlo
   from dsv3_jax.parallel.mesh import make_mesh, shard_model
   from dsv3_jax.train import trainer
 

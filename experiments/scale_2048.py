@@ -22,7 +22,7 @@ collective spans more than one mesh axis: the largest group of the two_hop progr
 256-member 'node' axis, which the script checks in the compiled HLO.
 
 Up to 256 devices run in one process (XLA:CPU in-process collectives); above, the job runs on
-P processes of L devices joined by jax.distributed + gloo (`dsv3_jax.parallel.launch`), with
+P processes of L devices joined by jax.distributed + gloo (`dsv3_jax.cluster.launch`), with
 the fewest processes whose gloo sockets fit the open-file limit (NOTES-2048). Configurations
 that would need more processes than `--max-processes` are compiled only (in one process, which
 compiles any device count) and marked as not executed, with the reason.
@@ -108,7 +108,8 @@ def moe_step(nodes: int, gpus: int, schedule: str, tokens: int, hidden: int, ffn
 
   from dsv3_jax.model.config import ModelConfig
   from dsv3_jax.model.moe import DeepSeekMoE
-  from dsv3_jax.parallel import dispatch, hlo, launch
+  from dsv3_jax.cluster import hlo, launch
+  from dsv3_jax.parallel import dispatch
   from dsv3_jax.parallel.mesh import make_mesh
   from dsv3_jax.train.trainer import bias_update
 
@@ -284,7 +285,7 @@ def measure(n: int, schedule: str, *, steps: int, max_processes: int, timeout_s:
   Returns:
     (run row for the csv, hlo rows for the csv).
   """
-  from dsv3_jax.parallel import launch
+  from dsv3_jax.cluster import launch
 
   nodes = n // GPUS_PER_NODE
   groups = _group_sizes(schedule, n)
@@ -493,7 +494,7 @@ def render(rows: list[dict], script: str = f"{NAME}.py") -> None:
         "an all-to-all into one operand per peer and would widen bf16 payloads to f32 — this "
         "program is float32 throughout, so both sources agree on bytes). `stablehlo` rows: the "
         "lowered program before XLA. Wire bytes per device per call: all-to-all B(S-1)/S, "
-        "all-reduce 2B(S-1)/S (ring); `dsv3_jax.parallel.hlo`.", "", table]))
+        "all-reduce 2B(S-1)/S (ring); `dsv3_jax.cluster.hlo`.", "", table]))
   table_rows = []
   for r in runs:
     how = (f"{r['processes']} x {r['local_devices']}" if r["executed"] == "yes"
@@ -583,7 +584,7 @@ def main(argv=None) -> None:
     if n % GPUS_PER_NODE or n < GPUS_PER_NODE:
       raise ValueError(f"--devices: {n} is not a positive multiple of {GPUS_PER_NODE} "
                        "(gpus per node)")
-  from dsv3_jax.parallel import launch
+  from dsv3_jax.cluster import launch
 
   t0 = time.time()
   runs, hlos = [], []

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from dsv3_jax.parallel import dispatch, hlo
+from dsv3_jax.cluster import hlo
+from dsv3_jax.parallel import dispatch
 from dsv3_jax.parallel.mesh import make_mesh
 
 AXES = ("node", "gpu")

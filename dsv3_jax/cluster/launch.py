@@ -6,7 +6,7 @@ so larger emulated clusters run as several processes, each with L local CPU devi
 `jax.distributed.initialize` and gloo CPU collectives: the multi-controller model of a real
 multi-host cluster. The worker side (`worker_main`) is the same code a cluster would run on each
 host; only how the processes are started (this module's `launch`, or a cluster scheduler
-running `python -m dsv3_jax.parallel.launch worker ...` on every host) changes.
+running `python -m dsv3_jax.cluster.launch worker ...` on every host) changes.
 
     result = launch("experiments.scale_2048_worker:moe_step", n_devices=2048, processes=32,
                     kwargs={"schedule": "two_hop"}, group_sizes=(256, 8))
@@ -15,8 +15,8 @@ running `python -m dsv3_jax.parallel.launch worker ...` on every host) changes.
 
 CLI (runs a target and prints the per-process results as JSON):
 
-    python -m dsv3_jax.parallel.launch run --devices 8 --processes 2 \
-        --target tests/parallel/test_launch.py:two_hop_worker --kwargs '{}'
+    python -m dsv3_jax.cluster.launch run --devices 8 --processes 2 \
+        --target tests/cluster/test_launch.py:two_hop_worker --kwargs '{}'
 
 Limits it checks before starting anything (`check_layout`): P divides N, L <= 256, and gloo's
 open files L x sum(group size - 1) + 50 (one socket per local device and peer of each
@@ -370,7 +370,7 @@ def launch(target: str, n_devices: int, processes: int, kwargs: Optional[dict] =
     peak_each = [0] * processes
     trace = []
     for i in range(processes):
-      cmd = [python, "-m", "dsv3_jax.parallel.launch", "worker", "--target", target,
+      cmd = [python, "-m", "dsv3_jax.cluster.launch", "worker", "--target", target,
              "--kwargs", json.dumps(kwargs), "--result", os.path.join(log_dir, f"result_{i}.json"),
              "--cpu-devices", str(layout.local_devices + spare_devices)]
       if processes > 1:
@@ -537,7 +537,7 @@ def _same_cache_key_on_every_process() -> None:
 
 
 def worker_main(argv: Optional[Sequence[str]] = None) -> None:
-  """Entry point of one worker process (`python -m dsv3_jax.parallel.launch worker ...`).
+  """Entry point of one worker process (`python -m dsv3_jax.cluster.launch worker ...`).
 
   Sets the emulated CPU device count (`--cpu-devices`, before jax is imported), selects gloo
   collectives, joins the cluster (`--coordinator/--num-processes/--process-id`; each falls back
@@ -546,7 +546,7 @@ def worker_main(argv: Optional[Sequence[str]] = None) -> None:
   writes {"result", "peak_rss", "process_id", "wall_s"} as JSON to `--result`. On a real
   multi-host cluster, run this on every host without `--cpu-devices`.
   """
-  ap = argparse.ArgumentParser(prog="python -m dsv3_jax.parallel.launch worker")
+  ap = argparse.ArgumentParser(prog="python -m dsv3_jax.cluster.launch worker")
   ap.add_argument("--target", required=True)
   ap.add_argument("--kwargs", default="{}")
   ap.add_argument("--result", required=True)
@@ -614,7 +614,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     return
   if argv and argv[0] == "run":
     argv = argv[1:]
-  ap = argparse.ArgumentParser(prog="python -m dsv3_jax.parallel.launch run",
+  ap = argparse.ArgumentParser(prog="python -m dsv3_jax.cluster.launch run",
                                description="Run module:function on P local processes x L "
                                "emulated CPU devices joined by jax.distributed + gloo.")
   ap.add_argument("--target", required=True, help="module:function or file.py:function")

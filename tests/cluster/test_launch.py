@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from dsv3_jax.parallel import launch
+from dsv3_jax.cluster import launch
 
 THIS = os.path.abspath(__file__)
 
@@ -169,7 +169,7 @@ def test_workers_die_with_a_killed_launcher(tmp_path):
   import sys
 
   launcher = subprocess.Popen(
-      [sys.executable, "-m", "dsv3_jax.parallel.launch", "run", "--devices", "4",
+      [sys.executable, "-m", "dsv3_jax.cluster.launch", "run", "--devices", "4",
        "--processes", "1", "--target", f"{THIS}:sleep_forever", "--log-dir", str(tmp_path)],
       cwd=os.path.dirname(os.path.dirname(os.path.dirname(THIS))), stdout=subprocess.DEVNULL,
       stderr=subprocess.DEVNULL)
