@@ -9,7 +9,3 @@ _flag = "--xla_force_host_platform_device_count"
 if "jax" not in sys.modules:
   flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(_flag))
   os.environ["XLA_FLAGS"] = f"{flags} {_flag}={N_DEVICES}".strip()
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-  sys.path.insert(0, REPO)  # `from configs import tiny`

@@ -4,8 +4,8 @@
 `c.model_type`), its `c.model` part, or any mapping with Hugging Face field names. DeepSeek
 configs (`model_type` "deepseek_v2" / "deepseek_v3", or any model with `kv_lora_rank`) are
 Multi-head Latent Attention + DeepSeekMoE models; Llama / Qwen2 configs are dense
-grouped-query-attention (GQA) models. `load_config` imports `configs/<name>.py` without installing
-anything.
+grouped-query-attention (GQA) models. `load_config` imports `configs/<name>.py` from the `configs`
+package installed with dsv3_jax.
 
 Nothing here imports jax.
 """
@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
-import sys
 from typing import Any, Mapping, Optional
 
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "llama", "qwen2")
@@ -23,7 +22,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 
 
 def load_config(name: str):
-  """Imports `configs/<name>.py` of this repository and returns its `get_config()`.
+  """Imports `configs/<name>.py` (the installed `configs` package) and returns its `get_config()`.
 
   Args:
     name: module name inside `configs/`, e.g. "deepseek_v3_671b" (a trailing ".py" is dropped).
@@ -34,16 +33,16 @@ def load_config(name: str):
   Raises:
     ValueError: if `configs/<name>.py` does not exist (the message lists the available names).
   """
+  import configs
+
   name = os.path.basename(name)
   if name.endswith(".py"):
     name = name[:-3]
-  config_dir = os.path.join(REPO_ROOT, "configs")
-  if not os.path.isfile(os.path.join(config_dir, name + ".py")):
+  config_dir = os.path.dirname(os.path.abspath(configs.__file__))
+  if name.startswith("_") or not os.path.isfile(os.path.join(config_dir, name + ".py")):
     available = sorted(f[:-3] for f in os.listdir(config_dir)
                        if f.endswith(".py") and not f.startswith("_"))
     raise ValueError(f"name={name!r}: no configs/{name}.py; allowed: {available}")
-  if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
   return importlib.import_module(f"configs.{name}").get_config()
 
 

@@ -13,7 +13,12 @@ import sys
 
 
 def _config_root(argv: list[str]) -> None:
-  """Puts the directory holding `configs/` on sys.path so config files can import each other."""
+  """Puts the directory holding the given file's `configs/` folder first on sys.path.
+
+  The `configs` package is installed with dsv3_jax; this makes the configs a file imports
+  (`from configs import tiny`) come from the same folder as the file itself, e.g. when it is
+  given from another checkout than the installed one.
+  """
   for i, a in enumerate(argv):
     path = a.split("=", 1)[1] if a.startswith("--config=") else (
         argv[i + 1] if a == "--config" and i + 1 < len(argv) else None)
