@@ -3,16 +3,11 @@
 Writes results/all_to_all.{md,csv,png}. Run: .venv/bin/python experiments/all_to_all.py
 """
 
-import os
-import sys
+import _report as R  # first: it selects the Agg backend before pyplot loads
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import matplotlib.pyplot as plt
 
-from experiments import _report as R  # noqa: E402
-
-import matplotlib.pyplot as plt  # noqa: E402
-
-from dsv3_jax.analysis import all_to_all, hardware  # noqa: E402
+from dsv3_jax.analysis import all_to_all, hardware
 
 NAME = "all_to_all"
 NODES = (2, 4, 8, 16, 32, 64)  # x 8 GPUs: 16 .. 512 GPUs (64 nodes span two leaves per plane)

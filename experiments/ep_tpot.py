@@ -3,17 +3,12 @@
 Writes results/ep_tpot.{md,csv,png}. Run: .venv/bin/python experiments/ep_tpot.py
 """
 
-import os
-import sys
+import _report as R  # first: it selects the Agg backend before pyplot loads
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import matplotlib.pyplot as plt
 
-from experiments import _report as R  # noqa: E402
-
-import matplotlib.pyplot as plt  # noqa: E402
-
-from dsv3_jax.analysis import ModelSpec, ep_comm_time, ep_tpot_bound, hardware  # noqa: E402
-from dsv3_jax.analysis import simulate_decode  # noqa: E402
+from dsv3_jax.analysis import ModelSpec, ep_comm_time, ep_tpot_bound, hardware
+from dsv3_jax.analysis import simulate_decode
 
 NAME = "ep_tpot"
 TOKENS = 32  # tokens per micro-batch per device (Insights §2.3.2)

@@ -3,17 +3,12 @@
 Writes results/flops_per_token.{md,csv,png}. Run: .venv/bin/python experiments/flops_per_token.py
 """
 
-import os
-import sys
+import _report as R  # first: it selects the Agg backend before pyplot loads
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import matplotlib.pyplot as plt
+import numpy as np
 
-from experiments import _report as R  # noqa: E402
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from dsv3_jax.analysis import (ModelSpec, inference_flops_per_token,  # noqa: E402
+from dsv3_jax.analysis import (ModelSpec, inference_flops_per_token,
                                matmul_params_per_token, parameter_counts,
                                training_flops_per_token)
 

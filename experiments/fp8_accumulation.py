@@ -20,16 +20,12 @@ truncating accumulator). For each K, `SEEDS` products of [64, K] x [K, 64].
 Writes results/fp8_accumulation.{csv,md,png}. Run: .venv/bin/python experiments/fp8_accumulation.py
 """
 
+import csv
 import os
-import sys
+import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import csv  # noqa: E402
-import time  # noqa: E402
-
-import jax.numpy as jnp  # noqa: E402
-import matplotlib  # noqa: E402
+import jax.numpy as jnp
+import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

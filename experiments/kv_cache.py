@@ -3,17 +3,12 @@
 Writes results/kv_cache.{md,csv,png}. Run: .venv/bin/python experiments/kv_cache.py
 """
 
-import os
-import sys
+import _report as R  # first: it selects the Agg backend before pyplot loads
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import matplotlib.pyplot as plt
 
-from experiments import _report as R  # noqa: E402
-
-import matplotlib.pyplot as plt  # noqa: E402
-
-from dsv3_jax.analysis import KB, ModelSpec, kv_cache_bytes, kv_cache_bytes_per_token  # noqa: E402
-from dsv3_jax.analysis.memory import attention_kind  # noqa: E402
+from dsv3_jax.analysis import KB, ModelSpec, kv_cache_bytes, kv_cache_bytes_per_token
+from dsv3_jax.analysis.memory import attention_kind
 
 NAME = "kv_cache"
 # Insights Table 1 (KV cache per token, BF16, KB = 1000 bytes) and its printed multipliers.

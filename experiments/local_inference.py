@@ -4,19 +4,14 @@ Decode is memory-bandwidth bound: each token reads its activated weights once. W
 results/local_inference.{md,csv,png}. Run: .venv/bin/python experiments/local_inference.py
 """
 
-import os
-import sys
+import _report as R  # first: it selects the Agg backend before pyplot loads
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import matplotlib.pyplot as plt
+import numpy as np
 
-from experiments import _report as R  # noqa: E402
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from dsv3_jax.analysis import (decode_tokens_per_second, hardware,  # noqa: E402
+from dsv3_jax.analysis import (decode_tokens_per_second, hardware,
                                kv_cache_bytes_per_token, parameter_counts)
-from dsv3_jax.analysis.memory import weight_bytes  # noqa: E402
+from dsv3_jax.analysis.memory import weight_bytes
 
 NAME = "local_inference"
 MODELS = {

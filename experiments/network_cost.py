@@ -3,18 +3,13 @@
 Writes results/network_cost.{md,csv,png}. Run: .venv/bin/python experiments/network_cost.py
 """
 
-import os
-import sys
+import _report as R  # first: it selects the Agg backend before pyplot loads
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import matplotlib.pyplot as plt
+import numpy as np
 
-from experiments import _report as R  # noqa: E402
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from dsv3_jax.analysis import hardware  # noqa: E402
-from dsv3_jax.analysis.network import (dragonfly, end_to_end_latency, fat_tree_2,  # noqa: E402
+from dsv3_jax.analysis import hardware
+from dsv3_jax.analysis.network import (dragonfly, end_to_end_latency, fat_tree_2,
                                        fit_prices, slim_fly, table3_topologies)
 
 NAME = "network_cost"

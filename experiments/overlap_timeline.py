@@ -6,17 +6,12 @@ network stream. Writes results/overlap_timeline.{md,csv,png}.
 Run: .venv/bin/python experiments/overlap_timeline.py
 """
 
-import os
-import sys
+import _report as R  # first: it selects the Agg backend before pyplot loads
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import matplotlib.pyplot as plt
+from matplotlib.patches import Patch
 
-from experiments import _report as R  # noqa: E402
-
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
-
-from dsv3_jax.analysis import hardware, moe_layer_costs, simulate_layers  # noqa: E402
+from dsv3_jax.analysis import hardware, moe_layer_costs, simulate_layers
 
 NAME = "overlap_timeline"
 TOKENS, CONTEXT, EFFICIENCY, REMOTE_NODES = 4096, 4096, 0.5, 3.5

@@ -5,17 +5,12 @@ the closed form. Writes results/pipeline_bubbles.{md,csv,png}.
 Run: .venv/bin/python experiments/pipeline_bubbles.py
 """
 
-import os
-import sys
+import _report as R  # first: it selects the Agg backend before pyplot loads
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import matplotlib.pyplot as plt
+from matplotlib.patches import Patch
 
-from experiments import _report as R  # noqa: E402
-
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
-
-from dsv3_jax.analysis.timeline import (PIPELINE_METHODS, memory_formula,  # noqa: E402
+from dsv3_jax.analysis.timeline import (PIPELINE_METHODS, memory_formula,
                                         simulate_pipeline)
 
 NAME = "pipeline_bubbles"
