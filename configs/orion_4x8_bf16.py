@@ -1,4 +1,4 @@
-"""The main job in BF16: the BF16 baseline of the FP8 comparison (issue 4).
+"""The main job in BF16: the BF16 baseline of the FP8 comparison (results/fp8_training.md).
 
 `configs/orion_4x8.py` with activations and matmuls in bfloat16 (`model.dtype`; parameters,
 gradients and optimizer state stay float32, the router and output head float32) and the MoE

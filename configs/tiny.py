@@ -1,9 +1,9 @@
 """The tiny DeepSeek-V3: every mechanism of the full model at a size a laptop trains in minutes.
 
-Dimensions are fixed so that codebases can be compared at equal size (issue 2): vocab 256
-(bytes), hidden 256, 8 heads, 4 layers (the first dense, intermediate 512), q_lora_rank 128,
-kv_lora_rank 64, qk_nope 32, qk_rope 32, v 32, 32 routed experts of width 128, top-4,
-1 shared expert, n_group 4, topk_group 2, routed_scaling_factor 2.5, sequence length 256.
+Dimensions are fixed so that codebases can be compared at equal size (results/benchmark_step.md):
+vocab 256 (bytes), hidden 256, 8 heads, 4 layers (the first dense, intermediate 512),
+q_lora_rank 128, kv_lora_rank 64, qk_nope 32, qk_rope 32, v 32, 32 routed experts of width 128,
+top-4, 1 shared expert, n_group 4, topk_group 2, routed_scaling_factor 2.5, sequence length 256.
 
 Runs on one device; `configs/orion_4x8.py` runs the same model on an emulated 4 x 8 mesh.
 

@@ -8,12 +8,9 @@ than the 2-minute budget. Run: .venv/bin/python experiments/run_analysis.py
 import csv
 import os
 import runpy
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from experiments import _report as R  # noqa: E402
+import _report as R
 
 EXPERIMENTS = ("kv_cache", "flops_per_token", "ep_tpot", "network_cost", "all_to_all",
                "pipeline_bubbles", "overlap_timeline", "local_inference")
@@ -117,8 +114,8 @@ def summary():
            "`results/<name>.md` has the full table, the derivation and the explanation of every "
            "gap. Papers: Insights = arXiv 2505.09343 (Tables 1-3, 5, §2.2-2.3); V3 report = arXiv "
            "2412.19437 (Table 2: pipeline bubbles). Pipeline rows compare the simulated schedule "
-           "with the closed form (F=1, B=2, W=1, F&B=3). The headline table picks the numbers "
-           "issue 5 names; the full tables follow.")
+           "with the closed form (F=1, B=2, W=1, F&B=3). The headline table picks the papers' "
+           "headline numbers; the full tables follow.")
   ll, q, v3f = fl["llama3_1_405b"], fl["qwen2_5_72b"], fl["deepseek_v3_671b"]
   qwen_weights = 6 * float(read_param(q))
   sf = next(r for r in net if r["topology"] == "SF")["parameters"]
