@@ -49,15 +49,16 @@ class MultiHeadLatentAttention(nnx.Module):
     self.o_proj = Linear(h * c.v_head_dim, c.hidden_size, **kw)
     self.scale = softmax_scale(c)
 
-  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Causal self-attention.
+  def queries(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-head queries (report eqs. 6-9).
 
     Args:
       x: [batch, seq, hidden].
-      cos, sin: [seq, qk_rope_head_dim // 2] float32 rotary tables (`rope.rope_cos_sin`).
+      cos, sin: [seq, qk_rope_head_dim // 2] or [batch, seq, qk_rope_head_dim // 2] float32.
 
     Returns:
-      [batch, seq, hidden] in the compute dtype.
+      q_nope [batch, seq, heads, qk_nope_head_dim] and the rotated q_rope [batch, seq, heads,
+      qk_rope_head_dim] (rotate-half layout, `rope.apply_rope`), in the compute dtype.
     """
     c = self.config
     b, s, _ = x.shape
@@ -68,16 +69,40 @@ class MultiHeadLatentAttention(nnx.Module):
       q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
     q = q.reshape(b, s, h, c.qk_head_dim)
     q_nope, q_rope = q[..., :c.qk_nope_head_dim], q[..., c.qk_nope_head_dim:]
+    return q_nope, apply_rope(q_rope, cos, sin, interleave=c.rope_interleave)
 
+  def latent_kv(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """What an inference engine caches (report eqs. 1-3, Insights §2.1.2).
+
+    Args:
+      x: [batch, seq, hidden].
+      cos, sin: [seq, qk_rope_head_dim // 2] or [batch, seq, qk_rope_head_dim // 2] float32.
+
+    Returns:
+      c_kv [batch, seq, kv_lora_rank], already normalised by `kv_a_layernorm`, and the rotated
+      shared key k_rope [batch, seq, qk_rope_head_dim] (one for all heads), compute dtype.
+    """
+    c = self.config
     kv_a = self.kv_a_proj_with_mqa(x)
     c_kv, k_rope = kv_a[..., :c.kv_lora_rank], kv_a[..., c.kv_lora_rank:]
-    kv = self.kv_b_proj(self.kv_a_layernorm(c_kv)).reshape(b, s, h, c.qk_nope_head_dim +
-                                                           c.v_head_dim)
-    k_nope, v = kv[..., :c.qk_nope_head_dim], kv[..., c.qk_nope_head_dim:]
-
-    q_rope = apply_rope(q_rope, cos, sin, interleave=c.rope_interleave)
     k_rope = apply_rope(k_rope[:, :, None, :], cos, sin, interleave=c.rope_interleave)[:, :, 0]
+    return self.kv_a_layernorm(c_kv), k_rope
 
+  def attend(self, q_nope: jax.Array, q_rope: jax.Array, c_kv: jax.Array,
+             k_rope: jax.Array) -> jax.Array:
+    """Causal attention with up-projected keys and values, then the output projection.
+
+    Args:
+      q_nope, q_rope: [batch, seq, heads, *] from `queries`.
+      c_kv, k_rope: [batch, seq, *] from `latent_kv`.
+
+    Returns:
+      [batch, seq, hidden] in the compute dtype.
+    """
+    c = self.config
+    b, s, h, _ = q_nope.shape
+    kv = self.kv_b_proj(c_kv).reshape(b, s, h, c.qk_nope_head_dim + c.v_head_dim)
+    k_nope, v = kv[..., :c.qk_nope_head_dim], kv[..., c.qk_nope_head_dim:]
     # Keys: per-head k_nope next to the one rope key shared by all heads (report eq. 5).
     q = jnp.concatenate([q_nope, q_rope], axis=-1)
     k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None, :], (b, s, h,
@@ -87,3 +112,17 @@ class MultiHeadLatentAttention(nnx.Module):
     out = dot_product_attention(heads_first(q), heads_first(k), heads_first(v), scale=self.scale)
     out = out.reshape(b, h, s, c.v_head_dim).transpose(0, 2, 1, 3).reshape(b, s, h * c.v_head_dim)
     return self.o_proj(out)
+
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Causal self-attention (`queries`, `latent_kv`, then `attend`).
+
+    Args:
+      x: [batch, seq, hidden].
+      cos, sin: [seq, qk_rope_head_dim // 2] float32 rotary tables (`rope.rope_cos_sin`).
+
+    Returns:
+      [batch, seq, hidden] in the compute dtype.
+    """
+    q_nope, q_rope = self.queries(x, cos, sin)
+    c_kv, k_rope = self.latent_kv(x, cos, sin)
+    return self.attend(q_nope, q_rope, c_kv, k_rope)

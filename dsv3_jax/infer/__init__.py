@@ -1,0 +1,15 @@
+"""Serving: the paged latent KV cache, absorbed MLA decoding and the continuous-batching engine.
+
+`Engine.from_hf(path)` / `Engine.from_workdir(workdir)` then `engine.generate(prompts, ...)`;
+`dsv3-generate` is the command-line front end (`infer.cli`).
+"""
+
+from dsv3_jax.infer.cache import (CacheFullError, CacheSpec, PageAllocator, bytes_per_token,
+                                  init_pools)
+from dsv3_jax.infer.engine import Completion, Engine, Event, StepFunctions, for_mesh
+from dsv3_jax.infer.sampling import SamplingParams, sample
+
+__all__ = [
+    "CacheFullError", "CacheSpec", "PageAllocator", "bytes_per_token", "init_pools",
+    "Completion", "Engine", "Event", "StepFunctions", "for_mesh", "SamplingParams", "sample",
+]
