@@ -2,47 +2,24 @@
 
 Every script computes its numbers with `dsv3_jax.analysis`, then calls `write_csv` and
 `write_markdown` with rows of plain values; paper values are reference constants, never results.
+
+The experiments are scripts (`python experiments/<name>.py`, dsv3_jax installed): Python puts
+the script's folder first on sys.path, so they import this module as `import _report as R`, and
+dsv3_jax and `configs` from the installed package.
 """
 
 from __future__ import annotations
 
 import csv
 import os
-import sys
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-  sys.path.insert(0, REPO_ROOT)
 RESULTS = os.path.join(REPO_ROOT, "results")
 
 import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
-
-
-def add_step_timing_args(ap) -> None:
-  """Adds the training-step benchmarks' shared options to an `argparse.ArgumentParser`:
-  --steps (timed steps), --train-steps (untimed steps first), --batch (sequences of 256 bytes),
-  --quick (3 timed, 2 untimed)."""
-  ap.add_argument("--steps", type=int, default=20, help="timed steps per variant")
-  ap.add_argument("--train-steps", type=int, default=30, help="untimed steps first")
-  ap.add_argument("--batch", type=int, default=8, help="sequences of 256 bytes per step")
-  ap.add_argument("--quick", action="store_true", help="3 timed steps, 2 untimed (smoke test)")
-
-
-def parse_step_timing_args(ap, argv=None):
-  """Parses `argv` with `ap` (see `add_step_timing_args`), applies --quick and exits with a
-  usage error naming the option for --steps or --batch < 1 or --train-steps < 0."""
-  args = ap.parse_args(argv)
-  if args.quick:
-    args.steps, args.train_steps = 3, 2
-  for name in ("steps", "batch"):
-    if getattr(args, name) < 1:
-      ap.error(f"--{name} must be >= 1")
-  if args.train_steps < 0:
-    ap.error("--train-steps must be >= 0")
-  return args
 
 
 def path(name: str, ext: str) -> str:

@@ -16,75 +16,28 @@ import argparse
 import csv
 import os
 import platform
-import sys
-import time
+
+import _step_timing as T
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 VARIANTS = (
-    # (name, MTP depth, devices (nodes, gpus))
-    ("tiny, no MTP (equal-size comparison)", 0, (1, 1)),
-    ("tiny + MTP depth 1 (as trained)", 1, (1, 1)),
+    # (name, model overrides)
+    ("tiny, no MTP (equal-size comparison)", dict(num_nextn_predict_layers=0)),
+    ("tiny + MTP depth 1 (as trained)", dict(num_nextn_predict_layers=1)),
 )
 
 
-def measure(mtp_depth: int, mesh_shape, steps: int, train_steps: int, batch: int) -> dict:
-  import jax
-  import numpy as np
-  from flax import nnx
-
-  from configs import tiny
-  from dsv3_jax.model.config import ModelConfig
-  from dsv3_jax.model.transformer import Transformer
-  from dsv3_jax.train import data, trainer
-
-  cfg = tiny.get_config()
-  cfg.train.steps = 1000
-  mc = ModelConfig.from_dict(cfg.model.to_dict()).replace(num_nextn_predict_layers=mtp_depth)
-  corpus = data.load_corpus(None, cfg.data.heldout_fraction)
-  ds = data.train_dataset(corpus.train, seq_len=256, extra=mtp_depth, batch_size=batch, seed=0)
-  model = Transformer(mc, rngs=nnx.Rngs(0))
-  graphdef, params, other = nnx.split(model, nnx.Param, ...)
-  opt = trainer.make_optimizer(cfg.train)
-  opt_state = opt.init(params)
-  fns = trainer.make_step_fns(graphdef, opt, mc, cfg.train, 256)
-  cap = (1,)  # one device: the grouped expert kernel is dropless, no capacity applies
-
-  t0 = time.perf_counter()
-  compiled = fns.train_step.lower(params, other, opt_state, jax.numpy.asarray(ds[0]),
-                                  cap).compile()
-  compile_s = time.perf_counter() - t0
-  step = lambda p, o, s, w: compiled(p, o, s, w)
-  for i in range(train_steps):  # realistic routing state
-    params, other, opt_state, m = step(params, other, opt_state, jax.numpy.asarray(ds[i]))
-  jax.block_until_ready(params)
-  times = []
-  for i in range(train_steps, train_steps + steps):
-    w = jax.numpy.asarray(ds[i])
-    t = time.perf_counter()
-    params, other, opt_state, m = step(params, other, opt_state, w)
-    jax.block_until_ready((params, m))
-    times.append(time.perf_counter() - t)
-  med = float(np.median(times))
-  return dict(compile_s=compile_s, step_s=med, step_min_s=float(np.min(times)),
-              tokens_per_s=batch * 256 / med, loss=float(m["loss"]),
-              load_max_over_mean=float(m["expert_load_max_over_mean"]),
-              dropped=float(m["dropped_tokens"]))
-
-
 def main() -> None:
-  from experiments import _report as R
-
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  R.add_step_timing_args(ap)
+  T.add_args(ap)
   ap.add_argument("--out", default=os.path.join(ROOT, "results"), help="results folder")
-  args = R.parse_step_timing_args(ap)
+  args = T.parse_args(ap)
 
   import jax
   rows = []
-  for name, depth, mesh_shape in VARIANTS:
-    r = measure(depth, mesh_shape, args.steps, args.train_steps, args.batch)
+  for name, overrides in VARIANTS:
+    r = T.measure(overrides, args.steps, args.train_steps, args.batch)
     r = dict(variant=name, **r)
     rows.append(r)
     print(f"{name}: compile {r['compile_s']:.1f} s | step {r['step_s'] * 1e3:.0f} ms (min "

@@ -23,12 +23,8 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
-import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "experiments"))
+import _step_timing as T
 
 FAMILIES = ("attention_projections", "dense_mlp", "shared_experts", "routed_experts")
 VARIANTS = (
@@ -40,48 +36,6 @@ VARIANTS = (
 ) + tuple((f"bfloat16 + FP8 {f} only", dict(dtype="bfloat16", fp8=True, fp8_layers=(f,)))
           for f in FAMILIES)
 BF16, FP8 = VARIANTS[1][0], VARIANTS[2][0]
-
-
-def measure(overrides: dict, steps: int, train_steps: int, batch: int, repeats: int) -> dict:
-  """Compile time and median / min step time (s) of one model variant on one device."""
-  import jax
-  import numpy as np
-  from flax import nnx
-
-  from configs import tiny
-  from dsv3_jax.model.config import ModelConfig
-  from dsv3_jax.model.transformer import Transformer
-  from dsv3_jax.train import data, trainer
-
-  cfg = tiny.get_config()
-  cfg.train.steps = 1000
-  mc = ModelConfig.from_dict(cfg.model.to_dict()).replace(**overrides)
-  depth = mc.mtp_depth
-  corpus = data.load_corpus(None, cfg.data.heldout_fraction)
-  ds = data.train_dataset(corpus.train, seq_len=256, extra=depth, batch_size=batch, seed=0)
-  model = Transformer(mc, rngs=nnx.Rngs(0))
-  graphdef, params, other = nnx.split(model, nnx.Param, ...)
-  opt = trainer.make_optimizer(cfg.train)
-  opt_state = opt.init(params)
-  fns = trainer.make_step_fns(graphdef, opt, mc, cfg.train, 256)
-  cap = (1,)  # one device: dropless grouped experts, no capacity applies
-  t0 = time.perf_counter()
-  compiled = fns.train_step.lower(params, other, opt_state, jax.numpy.asarray(ds[0]),
-                                  cap).compile()
-  compile_s = time.perf_counter() - t0
-  for i in range(train_steps):
-    params, other, opt_state, m = compiled(params, other, opt_state, jax.numpy.asarray(ds[i]))
-  jax.block_until_ready(params)
-  times = []
-  for rep in range(repeats):  # interleaving is done by the caller; repeats re-time the same data
-    for i in range(train_steps, train_steps + steps):
-      w = jax.numpy.asarray(ds[i])
-      t = time.perf_counter()
-      params, other, opt_state, m = compiled(params, other, opt_state, w)
-      jax.block_until_ready((params, m))
-      times.append(time.perf_counter() - t)
-  return dict(compile_s=compile_s, step_s=float(np.median(times)),
-              step_min_s=float(np.min(times)), loss=float(m["loss"]))
 
 
 def _bench(fn, *args, reps: int = 20) -> float:
@@ -146,15 +100,16 @@ def main() -> None:
   import _report as R
 
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  R.add_step_timing_args(ap)
-  args = R.parse_step_timing_args(ap)
+  T.add_args(ap)
+  args = T.parse_args(ap)
 
   import jax
 
   rows = []
   for name, overrides in VARIANTS:
-    r = measure(overrides, args.steps, args.train_steps, args.batch, 1)
-    rows.append(dict(variant=name, tokens_per_s=args.batch * 256 / r["step_s"], **r))
+    r = T.measure(overrides, args.steps, args.train_steps, args.batch)
+    rows.append(dict(variant=name, **{k: r[k] for k in (
+        "tokens_per_s", "compile_s", "step_s", "step_min_s", "loss")}))
     print(f"{name}: compile {r['compile_s']:.1f} s | step {r['step_s'] * 1e3:.0f} ms (min "
           f"{r['step_min_s'] * 1e3:.0f}) | loss {r['loss']:.3f}", flush=True)
   by = {r["variant"]: r for r in rows}
