@@ -1,4 +1,4 @@
-"""Quantization error on real activations and gradients of the trained main job (issue 4).
+"""Quantization error on real activations and gradients of the trained main job.
 
 Tensors come from the checkpoint of `make train` (runs/orion_4x8, the tiny DeepSeek-V3 trained
 120 steps on the 4 x 8 mesh), restored on one device (`train.trainer.load_trained`) and run on
@@ -14,10 +14,13 @@ role, over every layer (MTP block included):
   the rows' input gradient (= the dispatch backward payload), the dense / shared MLPs' output
   gradients.
 
-Linear inputs and output gradients are captured by wrapping `Linear.__call__` (output
-gradients through zero probes added to the outputs); the routed experts, which run inside the
-grouped kernel, are recomputed per expert from the captured MoE inputs, routing and output
-gradient.
+Linear inputs and output gradients come from the model's capture points (`dsv3_jax.model.capture`:
+`nnx.sow` of every Linear input, a zero `nnx.Perturbation` on every Linear output, read with
+`nnx.capture`). The MoE input is its shared expert's input and the MoE output gradient its shared
+expert's output gradient (the shared expert sees the same x, and its output is added to the
+routed experts'); the routing is the layer's own router applied to that input. The routed
+experts, which run inside the grouped kernel, are recomputed per expert from the MoE input,
+routing and output gradient.
 
 Formats, each applied per 1 x 128 tile along the last (feature) axis: BF16 (round to nearest
 even), E4M3 and E5M2 (max-abs scaling, power-of-two scales as in configs/orion_4x8_fp8.py),
@@ -36,16 +39,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections import OrderedDict
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "experiments"))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (role, kind, description)
 ROLES = OrderedDict([
@@ -78,54 +78,20 @@ def _linear_role(path: tuple) -> tuple:
   return None, None  # lm_head, MTP eh_proj: not FP8 layers
 
 
+def _name(path: tuple) -> str:
+  return "/".join(map(str, path))
+
+
 def _key(kind: str, path: tuple) -> str:
-  return kind + ":" + "/".join(map(str, path))
-
-
-def _path(key: str, paths: dict) -> tuple:
-  return paths[key.split(":", 1)[1]]
-
-
-class Capture:
-  """Wraps Linear and DeepSeekMoE calls to record inputs and add zero output probes."""
-
-  def __init__(self, model):
-    from flax import nnx
-
-    from dsv3_jax.model.layers import Linear
-    from dsv3_jax.model.moe import DeepSeekMoE
-
-    self.paths = {id(m): tuple(p) for p, m in nnx.iter_graph(model)
-                  if isinstance(m, (Linear, DeepSeekMoE))}
-    self.by_name = {"/".join(map(str, p)): p for p in self.paths.values()}
-    self.probes, self.acts, self.shapes = None, {}, {}
-    cap = self
-    lin_call, moe_call = Linear.__call__, DeepSeekMoE.__call__
-
-    def linear(mod, x):
-      path = cap.paths[id(mod)]
-      inp, _ = _linear_role(path)
-      if inp:
-        cap.acts[_key("lin_in", path)] = x
-      return cap._probe(_key("lin_out", path), lin_call(mod, x))
-
-    def moe(mod, x, mask=None, capacity=None):
-      path = cap.paths[id(mod)]
-      y, stats = moe_call(mod, x, mask, capacity)
-      cap.acts[_key("moe", path)] = (x, stats.topk_idx, stats.topk_weight)
-      return cap._probe(_key("moe_out", path), y), stats
-
-    Linear.__call__, DeepSeekMoE.__call__ = linear, moe
-
-  def _probe(self, key, y):
-    if self.probes is None:
-      self.shapes[key] = jax.ShapeDtypeStruct(y.shape, y.dtype)
-      return y
-    return y + self.probes[key]
+  return kind + ":" + _name(path)
 
 
 def capture(workdir: str, n_windows: int, batch: int):
   """Runs the trained model on held-out windows; returns {role: [float32 arrays [N, C]]}."""
+  from flax import nnx
+
+  from dsv3_jax.model.layers import Linear
+  from dsv3_jax.model.moe import DeepSeekMoE
   from dsv3_jax.train import data as data_lib
   from dsv3_jax.train import trainer
 
@@ -134,44 +100,81 @@ def capture(workdir: str, n_windows: int, batch: int):
   corpus = data_lib.load_corpus(cfg.data.paths, cfg.data.heldout_fraction)
   windows = data_lib.eval_windows(corpus.heldout, seq_len=cfg.data.seq_len, extra=mc.mtp_depth,
                                   n=n_windows)
-  cap = Capture(model)
   mtp_w, alpha = float(cfg.train.mtp_loss_weight), float(cfg.train.balance_loss_alpha)
+  modules = {tuple(p): m for p, m in nnx.iter_modules(model)}
+  linears = [p for p, m in modules.items() if isinstance(m, Linear)]
+  moes = [p for p, m in modules.items() if isinstance(m, DeepSeekMoE)]
+  if any(modules[p].shared_experts is None for p in moes):
+    raise ValueError("the MoE input and output gradient are read at the shared expert: "
+                     "n_shared_experts must be >= 1")
+  shared_in = ("shared_experts", "gate_proj", "input")  # the shared expert's sown input = x
+  shared_out = ("shared_experts", "down_proj", "output")  # its output's perturbation
+  graphdef, state = nnx.split(model)
 
-  def loss_fn(probes, window):
-    cap.probes, cap.acts = probes, {}
+  def loss_fn(m, window):
     b = trainer.make_batch(window, cfg.data.seq_len, mc.mtp_depth)
-    out = model.forward(b.inputs, mtp_tokens=b.mtp_tokens if mc.mtp_depth else None,
-                        mask=b.mask, with_mtp=mc.mtp_depth > 0)
-    loss = trainer.compute_losses(out, b, mtp_weight=mtp_w, balance_alpha=alpha).total
-    return loss, cap.acts
+    out = m.forward(b.inputs, mtp_tokens=b.mtp_tokens if mc.mtp_depth else None, mask=b.mask,
+                    with_mtp=mc.mtp_depth > 0)
+    return trainer.compute_losses(out, b, mtp_weight=mtp_w, balance_alpha=alpha).total
+
+  def flat(st) -> dict:
+    return {tuple(p): v.get_value() for p, v in nnx.to_flat_state(st)}
+
+  def loss_and_acts(perturbations, window):
+    """The training loss and the captured activations: "lin_in:<path>" = a Linear's input,
+    "moe:<path>" = (MoE input [B, S, D], topk_idx [B S, k], topk_weight [B S, k])."""
+    m = nnx.merge(graphdef, state)  # made inside the trace, so that nnx.capture may annotate it
+    loss, sown = nnx.capture(loss_fn, nnx.Intermediate, init=perturbations)(m, window)
+    sown, by_path = flat(sown), dict(nnx.iter_modules(m))
+    acts = {}
+    for path in linears:
+      if _linear_role(path)[0]:
+        (acts[_key("lin_in", path)],) = sown[path + ("input",)]  # each runs once per forward
+    for path in moes:
+      (x,) = sown[path + shared_in]
+      routing = by_path[path].gate(x.reshape(-1, x.shape[-1]))  # the layer's routing of x
+      acts[_key("moe", path)] = (x, routing.topk_idx, routing.topk_weight)
+    return loss, acts
+
+  def output_grads(grads) -> dict:
+    """"lin_out:<path>" = dL/d(Linear output), "moe_out:<path>" = dL/d(MoE output)."""
+    g = flat(grads)
+    out = {_key("lin_out", p): g[p + ("output",)] for p in linears}
+    out.update({_key("moe_out", p): g[p + shared_out] for p in moes})
+    return out
+
+  @jax.jit
+  def grads_and_acts(perturbations, window):
+    grads, acts = jax.grad(loss_and_acts, has_aux=True)(perturbations, window)
+    return output_grads(grads), acts
 
   w0 = jnp.asarray(windows[:batch])
-  jax.eval_shape(loss_fn, None, w0)  # records the probe shapes
-  probes = {k: jnp.zeros(s.shape, s.dtype) for k, s in cap.shapes.items()}
-  grad_fn = jax.jit(jax.grad(loss_fn, has_aux=True))
+  _, shapes = jax.eval_shape(  # the perturbations: one zero per Linear output
+      lambda w: nnx.capture(loss_fn, nnx.Perturbation)(nnx.merge(graphdef, state), w), w0)
+  probes = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
   out = {r: [] for r in ROLES}
-  moe_modules = {cap.paths[id(m)]: m for m in model.moe_layers}
-  flat = lambda a: np.asarray(a, np.float32).reshape(-1, a.shape[-1])
+  paths = {_name(p): p for p in linears}
+  moe_modules = {_name(p): modules[p] for p in moes}
+  to_2d = lambda a: np.asarray(a, np.float32).reshape(-1, a.shape[-1])
   for i in range(0, len(windows) - batch + 1, batch):
-    grads, acts = grad_fn(probes, jnp.asarray(windows[i:i + batch]))
-    for key, val in acts.items():
-      path = _path(key, cap.by_name)
-      if key.startswith("lin_in:"):
-        out[_linear_role(path)[0]].append(flat(val))
+    grads, acts = grads_and_acts(probes, jnp.asarray(windows[i:i + batch]))
+    for key, val in acts.items():  # sorted by key: the Linear inputs, then the MoE layers
+      kind, name = key.split(":", 1)
+      if kind == "lin_in":
+        out[_linear_role(paths[name])[0]].append(to_2d(val))
       else:  # MoE: recompute the routed experts per expert
         x, idx, w = val
         k = idx.shape[-1]
-        routed = _routed_tensors(moe_modules[path], flat(x), np.asarray(idx).reshape(-1, k),
-                                 np.asarray(w).reshape(-1, k),
-                                 flat(grads[_key("moe_out", path)]))
-        out["moe_input"].append(flat(x))
+        routed = _routed_tensors(moe_modules[name], to_2d(x), np.asarray(idx).reshape(-1, k),
+                                 np.asarray(w).reshape(-1, k), to_2d(grads["moe_out:" + name]))
+        out["moe_input"].append(to_2d(x))
         for role, arr in routed.items():
           out[role].append(arr)
     for key, g in grads.items():
       if key.startswith("lin_out:"):
-        role = _linear_role(_path(key, cap.by_name))[1]
+        role = _linear_role(paths[key.split(":", 1)[1]])[1]
         if role:
-          out[role].append(flat(g))
+          out[role].append(to_2d(g))
   return out, dict(workdir=workdir, step=step, windows=len(windows), seq_len=cfg.data.seq_len)
 
 

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dsv3_jax.model import capture
 from dsv3_jax.quant.fp8 import Fp8Recipe, fp8_matmul
 
 
@@ -26,6 +27,9 @@ class Linear(nnx.Module):
   The kernel is stored float32 as [in_features, out_features] (the transpose of a torch
   `nn.Linear.weight`); the matmul runs in `dtype`, or, with `fp8_recipe` set, in FP8 with
   fine-grained scaling (`quant.fp8.fp8_matmul`; output in `dtype`, kernel gradient float32).
+
+  Capture points (`model.capture`, active inside `nnx.capture` only): the input is sown as
+  "input", the output carries the perturbation "output" (its gradient is dL/dy).
   """
 
   def __init__(self, in_features: int, out_features: int, *, dtype=jnp.float32,
@@ -48,7 +52,8 @@ class Linear(nnx.Module):
       y = fp8_matmul(x2, self.kernel[...], self.fp8_recipe)
     else:
       y = jnp.dot(x2, self.kernel[...].astype(self.dtype))
-    return y.reshape(lead + (self.out_features,))
+    capture.sow(self, "input", x)
+    return capture.perturb(self, "output", y.reshape(lead + (self.out_features,)))
 
 
 class MLP(nnx.Module):
