@@ -101,7 +101,7 @@ def main() -> None:
   if args.sequences < 1 or args.uniform_tokens < 1:
     ap.error("--sequences and --uniform-tokens must be >= 1")
 
-  from dsv3_jax.parallel.dispatch import link_copies
+  from dsv3_jax.analysis.routing import link_copies
   from dsv3_jax.quant.codec import codec_from_name
 
   v3_hidden = 7168
@@ -164,7 +164,7 @@ def main() -> None:
       "dispatch (the same rows return in combine): `flat` sends one copy per expert on a "
       "remote node, `two_hop` one per remote node (then fans out over NVLink). Bytes per token "
       f"use DeepSeek-V3's hidden size {v3_hidden} in FP8 ({fp8_row} bytes per row with the "
-      "1x128 scales). Counting rule: `dsv3_jax.parallel.dispatch.link_copies`, the same rule "
+      "1x128 scales). Counting rule: `dsv3_jax.analysis.routing.link_copies`, the same rule "
       "the schedules report while running (tested against each other).",
       "",
       "## The report's arithmetic (§3.2.2)",

@@ -14,7 +14,6 @@ import dataclasses
 import math
 from typing import Any, Mapping, Optional
 
-DISPATCH_SCHEDULES = ("flat", "two_hop")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 # Layer families that `fp8=True` can run in FP8 (DeepSeek-V3 report §3.3.1, Figure 6: the GEMMs
 # of the MLA projections and of the dense, shared and routed expert MLPs). The embedding, output
@@ -90,7 +89,7 @@ class ModelConfig:
   embedding_init_std: float = 1.0
   # Execution settings (not part of the Hugging Face config).
   dtype: str = "float32"  # activation / matmul dtype; parameters are always float32
-  dispatch: str = "flat"  # expert-parallel schedule, one of DISPATCH_SCHEDULES
+  dispatch: str = "flat"  # expert-parallel schedule, one of parallel.dispatch.SCHEDULE_NAMES
   capacity_factor: float = 1.25  # initial per-destination buffer size / balanced load
   # Wire format of the MoE all_to_all payloads (quant.codec.codec_from_name): "compute" (the
   # compute dtype), "bf16", "fp8" (E4M3 + 1x128 power-of-two scales, report §3.3.2), "logfmtN".
@@ -206,8 +205,9 @@ class ModelConfig:
                        f"got {self.routed_scaling_factor}")
     if self.dtype not in COMPUTE_DTYPES:
       raise ValueError(f"model.dtype={self.dtype!r}; allowed: {COMPUTE_DTYPES}")
-    if self.dispatch not in DISPATCH_SCHEDULES:
-      raise ValueError(f"model.dispatch={self.dispatch!r}; allowed: {DISPATCH_SCHEDULES}")
+    from dsv3_jax.parallel.dispatch import SCHEDULE_NAMES
+    if self.dispatch not in SCHEDULE_NAMES:
+      raise ValueError(f"model.dispatch={self.dispatch!r}; allowed: {SCHEDULE_NAMES}")
     from dsv3_jax.quant.codec import codec_from_name
     for name in ("dispatch_payload", "combine_payload"):
       try:

@@ -17,6 +17,7 @@ from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
 from dsv3_jax.model.config import ModelConfig
+from dsv3_jax.model.experts import bind_experts
 from dsv3_jax.model.layers import MLP, normal_init
 from dsv3_jax.parallel import dispatch as dispatch_lib
 from dsv3_jax.quant.codec import codec_from_name
@@ -166,18 +167,12 @@ class DeepSeekMoE(nnx.Module):
     c = config
     self.config = c
     self.mesh = mesh
-    if mesh is not None:
-      shape = dict(mesh.shape)
-      replica = "replica" if "replica" in shape else None
-      self.topology = dispatch_lib.EPTopology(
-          n_nodes=shape["node"], gpus_per_node=shape["gpu"], replica_axis=replica,
-          n_replicas=shape.get("replica", 1))
-    else:
-      self.topology = dispatch_lib.EPTopology()
-    self.topology.experts_per_device(c.n_routed_experts)  # validates divisibility
+    self.topology = (dispatch_lib.EPTopology.from_mesh(mesh) if mesh is not None
+                     else dispatch_lib.EPTopology())
+    self.topology.validate(c.n_routed_experts, c.n_group)
     self.schedule = dispatch_lib.get_schedule(c.dispatch, codec_from_name(c.dispatch_payload),
-                                              codec_from_name(c.combine_payload),
-                                              c.fp8_recipe("routed_experts"))
+                                              codec_from_name(c.combine_payload))
+    self.expert_recipe = c.fp8_recipe("routed_experts")
     self.gate = Router(c, rngs=rngs)
     self.experts = RoutedExperts(c, expert_axes=self.topology.axes if mesh is not None else None,
                                  rngs=rngs)
@@ -230,8 +225,13 @@ class DeepSeekMoE(nnx.Module):
                                     routing.topk_idx.reshape(b, s, k), mask, c.n_routed_experts)
     if capacity is None:
       capacity = self.worst_case_capacity(b * s)
-    run = lambda *args: self.schedule(*args, capacity=tuple(capacity), topo=self.topology,
-                                      n_experts=c.n_routed_experts)
+    recipe = self.expert_recipe
+
+    def run(x, topk_idx, topk_weight, valid, w_gate, w_up, w_down):
+      experts = bind_experts(w_gate, w_up, w_down, fp8_recipe=recipe)
+      return self.schedule(x, topk_idx, topk_weight, valid, experts, capacity=tuple(capacity),
+                           topo=self.topology, n_experts=c.n_routed_experts)
+
     args = (tokens, routing.topk_idx, routing.topk_weight, mask.reshape(-1),
             self.experts.gate_proj[...], self.experts.up_proj[...], self.experts.down_proj[...])
     if self.mesh is None or _inside_shard_map(self.topology.axes):

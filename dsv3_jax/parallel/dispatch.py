@@ -7,17 +7,23 @@ DeepSeek-V3" (arXiv 2505.09343) §4.3 (node-limited routing).
 
 Everything here runs per device, inside `jax.shard_map` over a mesh with a `node` axis
 (inter-node fabric) and a `gpu` axis (intra-node fabric); with `EPTopology()` (1 x 1) it runs
-as plain local code and every collective is skipped, which is the single-device path.
+as plain local code and every collective is skipped, which is the single-device path. This
+module only places rows into buffers and moves them: the expert computation is a callable
+passed in by the caller (`dsv3_jax.model.experts.expert_compute`).
 
-Shapes are static. Each hop packs rows into per-destination buffers of a fixed `capacity`
-(rows per source device and destination device or node); rows beyond it are dropped and
-counted. With a capacity equal to `worst_case_capacity` nothing can be dropped. Schedules report
-the capacity each hop would have needed, so a caller can grow it and re-run (the trainer's
-dropless mode). `jax.lax.ragged_all_to_all` does not compile on XLA:CPU, so the padded
-all_to_all is the CPU path. Rows travel with their local expert id; the receiving device sorts
-the valid ones by expert and runs `grouped_ffn.grouped_swiglu`, so the expert computation costs
-the rows actually routed there, not the padded buffer (and is dropless for any load on one
-device).
+Both schedules are built from one primitive, `exchange` (one hop: slot assignment, take rows,
+all_to_all, compute, all_to_all back, take rows back). `flat` is one exchange over
+(node, gpu); `two_hop` is an exchange over `node` whose compute is an exchange over `gpu`.
+
+Capacity contract. Shapes are static, so each hop packs rows into per-destination buffers of
+a fixed `capacity` (rows per source device and destination: a device for `flat` and for the
+second hop of `two_hop`, a node for the first hop). Items are kept first come, first kept;
+rows beyond the capacity are dropped and counted (`DispatchStats.dropped`), never silently
+lost. A capacity equal to `worst_case_capacity` can never drop. Every hop reports the fill it
+would have needed (`DispatchStats.needed_capacity`), so a caller can grow the capacity and
+re-run (the trainer's dropless mode). Buffers cost memory traffic, not expert FLOPs: the
+receiving device runs only the valid rows. `jax.lax.ragged_all_to_all` does not compile on
+XLA:CPU, so the padded all_to_all is the CPU path.
 
 Notation (scaling-book style): x[T, D] are a device's local tokens; E experts, E_l = E / n_dev
 per device; expert e lives on device e // E_l = node * gpus_per_node + gpu.
@@ -27,12 +33,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
-from dsv3_jax.model.grouped_ffn import grouped_swiglu, grouped_swiglu_fp8
+from dsv3_jax.parallel.mesh import GPU_AXIS, NODE_AXIS, REPLICA_AXIS
+
+SCHEDULE_NAMES = ("flat", "two_hop")
+
+# An expert-compute callable: (rows [N, D], local expert id [N] int32, -1 = empty row) ->
+# [N, D], zero for empty rows (e.g. `model.experts.expert_compute` with bound weights).
+ExpertsFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 # --------------------------------------------------------------------------------- topology
 
@@ -44,15 +56,34 @@ class EPTopology:
   Experts are laid out device-major over (node, gpu): expert e is on node
   e // (E_l * gpus_per_node), GPU (e // E_l) % gpus_per_node. With `replica_axis` set, the
   cluster holds several such groups (data parallelism across them, e.g. EP64 = 8 nodes inside
-  256 nodes); statistics are then summed over the replicas too.
+  256 nodes); statistics are then summed over the replicas too. Build it from a mesh with
+  `EPTopology.from_mesh`.
   """
 
   n_nodes: int = 1
   gpus_per_node: int = 1
-  node_axis: str = "node"
-  gpu_axis: str = "gpu"
+  node_axis: str = NODE_AXIS
+  gpu_axis: str = GPU_AXIS
   replica_axis: Optional[str] = None
   n_replicas: int = 1
+
+  @classmethod
+  def from_mesh(cls, mesh) -> "EPTopology":
+    """The topology of a `parallel.mesh.make_mesh` mesh: axes (`node`, `gpu`), optionally with
+    a leading `replica` axis (EP groups over a subset of nodes).
+
+    Raises:
+      ValueError: the mesh lacks a `node` or `gpu` axis, or has other axes.
+    """
+    shape = dict(mesh.shape)
+    allowed = {NODE_AXIS, GPU_AXIS, REPLICA_AXIS}
+    if NODE_AXIS not in shape or GPU_AXIS not in shape or set(shape) - allowed:
+      raise ValueError(f"an expert-parallel mesh needs axes ({NODE_AXIS!r}, {GPU_AXIS!r}) and "
+                       f"optionally {REPLICA_AXIS!r}; got {tuple(shape)} (build it with "
+                       "dsv3_jax.parallel.mesh.make_mesh)")
+    replica = REPLICA_AXIS if REPLICA_AXIS in shape else None
+    return cls(n_nodes=shape[NODE_AXIS], gpus_per_node=shape[GPU_AXIS], replica_axis=replica,
+               n_replicas=shape.get(REPLICA_AXIS, 1))
 
   @property
   def n_devices(self) -> int:
@@ -69,12 +100,35 @@ class EPTopology:
     return ((self.replica_axis,) if self.replica_axis else ()) + self.axes
 
   def experts_per_device(self, n_experts: int) -> int:
+    """E_l = E / (nodes x GPUs).
+
+    Raises:
+      ValueError: E not divisible by the expert-parallel size.
+    """
     if n_experts % self.n_devices:
       raise ValueError(
           f"model.n_routed_experts={n_experts} is not divisible by the expert-parallel size "
-          f"{self.n_devices} (mesh.nodes={self.n_nodes} x mesh.gpus_per_node="
-          f"{self.gpus_per_node}); use a multiple of {self.n_devices}")
+          f"{self.n_devices} (mesh.ep_nodes x mesh.gpus_per_node = {self.n_nodes} x "
+          f"{self.gpus_per_node}); allowed: a multiple of {self.n_devices}")
     return n_experts // self.n_devices
+
+  def validate(self, n_experts: int, n_group: int) -> None:
+    """Checks a model's expert layout against this group (before any work is done).
+
+    Experts must divide over the devices, and with more than one node the router's expert
+    groups must be the nodes (`n_group` = nodes), so that `topk_group` bounds the nodes a
+    token reaches (node-limited routing, report §2.1.2).
+
+    Raises:
+      ValueError: naming the setting and the allowed values.
+    """
+    self.experts_per_device(n_experts)
+    if self.n_nodes > 1 and n_group != self.n_nodes:
+      raise ValueError(
+          f"model.n_group={n_group} must equal the {self.n_nodes} nodes of the "
+          "expert-parallel group (mesh.ep_nodes, default mesh.nodes): expert groups are nodes, "
+          "so that model.topk_group bounds the nodes a token reaches (node-limited routing, "
+          "report §2.1.2)")
 
   def my_node(self) -> jax.Array:
     return jax.lax.axis_index(self.node_axis) if self.n_nodes > 1 else jnp.int32(0)
@@ -82,13 +136,11 @@ class EPTopology:
   def my_gpu(self) -> jax.Array:
     return jax.lax.axis_index(self.gpu_axis) if self.gpus_per_node > 1 else jnp.int32(0)
 
-  @property
-  def all_axes_present(self) -> tuple[str, ...]:
-    """The mesh axes of size > 1 (collectives over size-1 axes are skipped)."""
-    sizes = {self.node_axis: self.n_nodes, self.gpu_axis: self.gpus_per_node}
-    if self.replica_axis:
-      sizes[self.replica_axis] = self.n_replicas
-    return tuple(a for a in self.all_axes if sizes[a] > 1)
+  def manual_axes(self) -> tuple[str, ...]:
+    """The token axes that the current trace is per-device over (inside shard_map: all of
+    them, whatever their size; outside: none)."""
+    manual = jax.sharding.get_abstract_mesh().manual_axes
+    return tuple(a for a in self.all_axes if a in manual)
 
 
 def _all_to_all(x: jax.Array, axes, size: int) -> jax.Array:
@@ -99,16 +151,22 @@ def _all_to_all(x: jax.Array, axes, size: int) -> jax.Array:
 
 
 def _psum(x, topo: EPTopology):
-  """Sum over the whole cluster, one mesh axis at a time: a reduction over one 2048-member group
-  needs a connection per peer per device in multi-process emulation (NOTES-2048), per-axis
-  groups of 8 and 256 do not (and real clusters reduce hierarchically anyway)."""
-  for axis in reversed(topo.all_axes_present):
+  """Sum over the whole cluster, one mesh axis at a time (minor axis first).
+
+  Every token axis is reduced, size-1 axes included: inside shard_map a per-device value
+  varies over every axis its inputs are sharded over, and only a reduction over each of them
+  makes it invariant (replicated), whatever the axis size. Per-axis groups (of 8 and 256 at
+  2048 devices) rather than one 2048-member group, as real clusters reduce hierarchically (and
+  multi-process emulation needs, see results/scale_2048.md).
+  """
+  for axis in reversed(topo.manual_axes()):
     x = jax.lax.psum(x, axis)
   return x
 
 
 def _pmax(x, topo: EPTopology):
-  for axis in reversed(topo.all_axes_present):
+  """Max over the whole cluster, one mesh axis at a time (see `_psum`)."""
+  for axis in reversed(topo.manual_axes()):
     x = jax.lax.pmax(x, axis)
   return x
 
@@ -201,60 +259,58 @@ def assign_slots(dest: jax.Array, n_dest: int, capacity: int) -> Slots:
                counts.astype(jnp.int32))
 
 
-# ------------------------------------------------------------------------ experts
+# ------------------------------------------------------------------------ one hop
 
 
-def expert_ffn(h: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
-  """SwiGLU experts on their buffers: down(silu(h @ gate) * (h @ up)).
-
-  Args:
-    h: [E_l, N, D] rows per local expert.
-    w_gate, w_up: [E_l, D, F]; w_down: [E_l, F, D].
-
-  Returns:
-    [E_l, N, D] in h.dtype.
-  """
-  dt = h.dtype
-  g = jnp.einsum("end,edf->enf", h, w_gate.astype(dt))
-  u = jnp.einsum("end,edf->enf", h, w_up.astype(dt))
-  return jnp.einsum("enf,efd->end", jax.nn.silu(g) * u, w_down.astype(dt))
+def _take_items(a: jax.Array, src: jax.Array, slot: jax.Array) -> jax.Array:
+  """Buffer rows of a per-item array: a[src] (floats differentiably, ints with -1 for empty)."""
+  if jnp.issubdtype(a.dtype, jnp.floating):
+    return take_rows(a, src, slot[:, None])
+  valid = (src >= 0).reshape(src.shape + (1,) * (a.ndim - 1))
+  return jnp.where(valid, a[jnp.maximum(src, 0)], -1)
 
 
-def expert_compute(rows: jax.Array, expert: jax.Array, w_gate: jax.Array, w_up: jax.Array,
-                   w_down: jax.Array, *, window: int = 128, fp8_recipe=None) -> jax.Array:
-  """Applies each row's local expert, at the cost of the valid rows only.
+def exchange(rows: jax.Array, dest: jax.Array, capacity: int, axes, n_dest: int,
+             compute: Callable, *, items: tuple = (), dispatch_codec=None, combine_codec=None):
+  """One expert-parallel hop: dispatch rows to destinations, compute there, combine back.
 
-  Rows are stably sorted by expert (invalid rows last), run through `grouped_swiglu` (or
-  `grouped_swiglu_fp8` when `fp8_recipe` is set, report §3.3), and put back in their original
-  order.
+  Items are (row, j) pairs: row r goes to destination dest[r, j] for every j with
+  dest[r, j] >= 0 (one copy per item). The hop (1) packs the items into `n_dest` buffers of
+  `capacity` rows in item order (first come, first kept; the rest are dropped), (2) fills the
+  buffers from `rows` and the per-item arrays `items`, (3) all_to_alls the buffers over `axes`
+  (buffer d goes to destination d, which receives one buffer from every source), (4) runs
+  `compute` on what arrived, (5) all_to_alls the results back and (6) hands each item its
+  result. `rows` travel through `dispatch_codec` and the results through `combine_codec` (None:
+  as they are); `items` travel as they are. Differentiable in `rows`, in floating `items` and
+  through `compute`, with gather-only backward passes (`take_rows`).
 
   Args:
-    rows: [N, D] (compute dtype).
-    expert: [N] int32 local expert id in [0, E_l), or -1 for an empty buffer row.
-    w_gate, w_up: [E_l, D, F]; w_down: [E_l, F, D].
-    window: rows per matmul in the grouped kernel.
-    fp8_recipe: a `quant.fp8.Fp8Recipe` to run the expert GEMMs in FP8, or None.
+    rows: [R, D] (compute dtype).
+    dest: [R, k] int32 destination in [0, n_dest) of each item, or -1 for none.
+    capacity: rows per destination buffer (static).
+    axes: mesh axis name(s) of the all_to_all, whose group has `n_dest` members (1: no
+      collective).
+    n_dest: number of destinations.
+    compute: (rows [n_dest * capacity, D], items) -> (out [n_dest * capacity, D'], aux): runs
+      on the receiver; buffer rows that hold no item have all-zero rows and -1 in integer items.
+    items: per-item arrays, each [R * k, ...] (item r * k + j).
+    dispatch_codec, combine_codec: wire formats (`dsv3_jax.quant.codec`), or None.
 
   Returns:
-    [N, D]: FFN_{expert[r]}(rows[r]), zero where expert[r] < 0.
+    (out [R, k, D'] each item's result, zero where dropped or without destination;
+     slots `Slots` of the packing; aux from `compute`).
   """
-  n = rows.shape[0]
-  e_local = w_gate.shape[0]
-  key = jnp.where(expert >= 0, expert, e_local).astype(jnp.int32)
-  order = jnp.argsort(key, stable=True).astype(jnp.int32)
-  position = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32),
-                                                       unique_indices=True)
-  bounds = jnp.searchsorted(key[order], jnp.arange(e_local + 1, dtype=jnp.int32), side="left")
-  seg_start, seg_len = bounds[:-1], bounds[1:] - bounds[:-1]
-  sorted_rows = take_rows(rows, order, position[:, None])
-  segs = (seg_start.astype(jnp.int32), seg_len.astype(jnp.int32),
-          jnp.arange(e_local, dtype=jnp.int32))
-  if fp8_recipe is None:
-    out = grouped_swiglu(sorted_rows, *segs, w_gate, w_up, w_down, window)
-  else:
-    out = grouped_swiglu_fp8(sorted_rows, *segs, w_gate, w_up, w_down, window, fp8_recipe)
-  out = take_rows(out, position, order[:, None])
-  return jnp.where((expert >= 0)[:, None], out, jnp.zeros((), out.dtype))
+  r, k = dest.shape
+  s = assign_slots(dest.reshape(-1), n_dest, capacity)
+  comm = lambda v: _all_to_all(v.reshape((n_dest, capacity) + v.shape[1:]), axes,
+                               n_dest).reshape(v.shape)
+  send = take_rows(rows, jnp.where(s.src >= 0, s.src // k, -1), s.slot.reshape(r, k))
+  received = _send(dispatch_codec, send, comm)
+  received_items = tuple(comm(_take_items(a, s.src, s.slot)) for a in items)
+  out, aux = compute(received, received_items)
+  back = _send(combine_codec, out, comm)
+  per_item = take_rows(back, s.slot, s.src[:, None])
+  return per_item.reshape((r, k) + per_item.shape[1:]), s, aux
 
 
 # ------------------------------------------------------------------------ statistics
@@ -286,16 +342,24 @@ def _round_capacity(x: float, worst: int) -> int:
   return int(min(worst, max(8, 8 * math.ceil(x / 8))))
 
 
+def _bincount(ids: jax.Array, n: int) -> jax.Array:
+  """[n] float32 counts of ids in [0, n); negative ids are ignored."""
+  return jnp.bincount(jnp.where(ids >= 0, ids, n), length=n + 1)[:n].astype(jnp.float32)
+
+
+def _count(mask: jax.Array) -> jax.Array:
+  return jnp.sum(mask).astype(jnp.float32)
+
+
 # ------------------------------------------------------------------------ schedules
 
 
-def _local_moe(x, idx, weight, w_gate, w_up, w_down, n_experts, hops, topo, fp8_recipe=None):
+def _local_moe(x, idx, weight, experts: ExpertsFn, n_experts, hops, topo):
   """All experts on this device: every (token, expert) pair is computed (dropless)."""
   t, d = x.shape
   k = idx.shape[1]
   flat = idx.reshape(-1)
-  out = expert_compute(jnp.repeat(x, k, axis=0), flat, w_gate, w_up, w_down,
-                       fp8_recipe=fp8_recipe)
+  out = experts(jnp.repeat(x, k, axis=0), flat)
   y = jnp.einsum("tkd,tk->td", out.reshape(t, k, d), weight.astype(out.dtype))
   zero = jnp.float32(0.0)
   stats = DispatchStats(
@@ -305,11 +369,6 @@ def _local_moe(x, idx, weight, w_gate, w_up, w_down, n_experts, hops, topo, fp8_
   return y, stats
 
 
-def _bincount(ids: jax.Array, n: int) -> jax.Array:
-  """[n] float32 counts of ids in [0, n); negative ids are ignored."""
-  return jnp.bincount(jnp.where(ids >= 0, ids, n), length=n + 1)[:n].astype(jnp.float32)
-
-
 @dataclasses.dataclass(frozen=True)
 class FlatSchedule:
   """One all_to_all over (node, gpu); a (token, expert) pair is one copy (GShard-style).
@@ -317,13 +376,11 @@ class FlatSchedule:
   A token whose k experts sit on one remote node crosses the inter-node fabric k times.
   Capacity: (C,), rows per (source device, destination device).
   `dispatch_codec` / `combine_codec` (from `dsv3_jax.quant.codec`, None = the compute dtype)
-  set the wire format of the token payloads going out and coming back; `expert_recipe` (a
-  `quant.fp8.Fp8Recipe`, None = compute dtype) runs the routed experts' GEMMs in FP8.
+  set the wire format of the token payloads going out and coming back.
   """
 
   dispatch_codec: Any = None
   combine_codec: Any = None
-  expert_recipe: Any = None
   name = "flat"
   hops = 1
 
@@ -337,7 +394,7 @@ class FlatSchedule:
     worst = self.worst_case_capacity(tokens, n_experts, top_k, topo, max_nodes)[0]
     return (_round_capacity(factor * tokens * top_k / topo.n_devices, worst),)
 
-  def __call__(self, x, topk_idx, topk_weight, valid, w_gate, w_up, w_down, *,
+  def __call__(self, x, topk_idx, topk_weight, valid, experts: ExpertsFn, *,
                capacity: tuple[int, ...], topo: EPTopology, n_experts: int):
     """Dispatch, expert FFN and combine for one device's tokens.
 
@@ -345,46 +402,38 @@ class FlatSchedule:
       x: [T, D] local tokens (compute dtype).
       topk_idx: [T, k] int32 global expert ids; topk_weight: [T, k] float32 gate values.
       valid: [T] bool, False for padding (not dispatched, not counted).
-      w_gate, w_up: [E_l, D, F]; w_down: [E_l, F, D] this device's experts.
+      experts: this device's experts, (rows [N, D], local expert id [N]) -> [N, D] (see
+        `ExpertsFn`).
       capacity: (C,) rows per (source device, destination device); unused on one device.
+      topo: the expert-parallel group; n_experts: E.
 
     Returns:
       y: [T, D] routed-expert output (zero for padding); stats: `DispatchStats`.
     """
     idx = jnp.where(valid[:, None], topk_idx, -1)
     if topo.n_devices == 1:
-      return _local_moe(x, idx, topk_weight, w_gate, w_up, w_down, n_experts, self.hops, topo,
-                        self.expert_recipe)
+      return _local_moe(x, idx, topk_weight, experts, n_experts, self.hops, topo)
     (cap,) = capacity
-    t, d = x.shape
-    k = idx.shape[1]
     n_dev = topo.n_devices
-    e_local = w_gate.shape[0]
-    flat = idx.reshape(-1)
-    dest = jnp.where(flat >= 0, flat // e_local, -1)
-    s = assign_slots(dest, n_dev, cap)
-
-    send = take_rows(x, jnp.where(s.src >= 0, s.src // k, -1), s.slot.reshape(t, k))
-    send_e = jnp.where(s.src >= 0, flat[jnp.maximum(s.src, 0)] % e_local, -1)
-    a2a = lambda v: _all_to_all(v.reshape((n_dev, cap) + v.shape[1:]), topo.axes,
-                                n_dev).reshape(v.shape)
-    out = expert_compute(_send(self.dispatch_codec, send, a2a), a2a(send_e), w_gate, w_up,
-                         w_down, fp8_recipe=self.expert_recipe)
-    per_pair = take_rows(_send(self.combine_codec, out, a2a), s.slot,
-                         s.src[:, None]).reshape(t, k, d)
+    e_local = topo.experts_per_device(n_experts)
+    dest = jnp.where(idx >= 0, idx // e_local, -1)
+    per_pair, s, _ = exchange(
+        x, dest, cap, topo.axes, n_dev, lambda rows, it: (experts(rows, it[0]), None),
+        items=(jnp.where(idx >= 0, idx % e_local, -1).reshape(-1),),
+        dispatch_codec=self.dispatch_codec, combine_codec=self.combine_codec)
     y = jnp.einsum("tkd,tk->td", per_pair, topk_weight.astype(per_pair.dtype))
 
+    flat = idx.reshape(-1)
     kept = s.slot >= 0
     me = topo.my_node() * topo.gpus_per_node + topo.my_gpu()
-    dest_dev = jnp.maximum(dest, 0)
+    dest_dev = jnp.maximum(dest.reshape(-1), 0)
     same_node = dest_dev // topo.gpus_per_node == topo.my_node()
     stats = DispatchStats(
         expert_counts=_psum(_bincount(flat, n_experts), topo),
-        dropped=_psum(jnp.sum((flat >= 0) & ~kept).astype(jnp.float32), topo),
+        dropped=_psum(_count((flat >= 0) & ~kept), topo),
         needed_capacity=_pmax(jnp.max(s.counts), topo)[None],
-        rows_inter_node=_psum(jnp.sum(kept & ~same_node).astype(jnp.float32), topo),
-        rows_intra_node=_psum(jnp.sum(kept & same_node & (dest_dev != me)).astype(jnp.float32),
-                              topo),
+        rows_inter_node=_psum(_count(kept & ~same_node), topo),
+        rows_intra_node=_psum(_count(kept & same_node & (dest_dev != me)), topo),
         buffer_rows_inter_node=jnp.float32(
             topo.n_replicas * n_dev * (n_dev - topo.gpus_per_node) * cap),
         buffer_rows_intra_node=jnp.float32(
@@ -397,11 +446,11 @@ class FlatSchedule:
 class TwoHopSchedule:
   """Node-aware two-hop dispatch (report §3.2.2).
 
-  Hop 1: all_to_all over `node`, one copy per (token, destination node), landing on the GPU
+  Hop 1: an exchange over `node`, one copy per (token, destination node), landing on the GPU
   with the sender's in-node index; the copy carries the token's expert ids and gate values.
-  Hop 2: all_to_all over `gpu`, one copy per (row, expert on this node). Combine reverses it:
-  the gate-weighted sum of a token's experts on one node is formed on that node, so each token
-  crosses the inter-node fabric once per destination node in each direction.
+  Hop 2 (hop 1's compute): an exchange over `gpu`, one copy per (row, expert on this node).
+  Combine reverses it: the gate-weighted sum of a token's experts on one node is formed on that
+  node, so each token crosses the inter-node fabric once per destination node each way.
   Capacity: (C1 rows per (source device, node), C2 rows per (hop-1 receiver, GPU)).
   Codecs as for `FlatSchedule` (the dispatch payload is re-encoded for hop 2, which for FP8 with
   unchanged tile scales reproduces the hop-1 values exactly, as forwarding FP8 would).
@@ -409,7 +458,6 @@ class TwoHopSchedule:
 
   dispatch_codec: Any = None
   combine_codec: Any = None
-  expert_recipe: Any = None
   name = "two_hop"
   hops = 2
 
@@ -427,65 +475,51 @@ class TwoHopSchedule:
     c2 = _round_capacity(factor * tokens * top_k / topo.gpus_per_node, w2)
     return (c1, c2)
 
-  def __call__(self, x, topk_idx, topk_weight, valid, w_gate, w_up, w_down, *,
+  def __call__(self, x, topk_idx, topk_weight, valid, experts: ExpertsFn, *,
                capacity: tuple[int, ...], topo: EPTopology, n_experts: int):
     """Same contract as `FlatSchedule.__call__`; capacity is (C1, C2)."""
     idx = jnp.where(valid[:, None], topk_idx, -1)
     if topo.n_devices == 1:
-      return _local_moe(x, idx, topk_weight, w_gate, w_up, w_down, n_experts, self.hops, topo,
-                        self.expert_recipe)
+      return _local_moe(x, idx, topk_weight, experts, n_experts, self.hops, topo)
     c1, c2 = capacity
-    t, d = x.shape
-    k = idx.shape[1]
+    t, k = idx.shape
     g = topo.gpus_per_node
-    e_local = w_gate.shape[0]
+    e_local = topo.experts_per_device(n_experts)
     e_node = e_local * g  # experts per node
     my_node, my_gpu = topo.my_node(), topo.my_gpu()
+
+    def hop2(rx, received):
+      """On the hop-1 receiver: fan out to this node's experts, reduce per row in-node."""
+      ri, rw = received  # [R2, k] the rows' expert ids (all k of them) and gate values
+      in_node = jnp.where((ri >= 0) & (ri // e_node == my_node), ri % e_node, -1)
+      dest2 = jnp.where(in_node >= 0, in_node // e_local, -1)
+      per_pair, s2, _ = exchange(
+          rx, dest2, c2, topo.gpu_axis, g, lambda rows, it: (experts(rows, it[0]), None),
+          items=(jnp.where(in_node >= 0, in_node % e_local, -1).reshape(-1),),
+          dispatch_codec=self.dispatch_codec, combine_codec=self.combine_codec)
+      node_sum = jnp.einsum("rkd,rk->rd", per_pair, rw.astype(per_pair.dtype))
+      return node_sum, (s2, dest2.reshape(-1))
 
     # Hop 1: one copy per (token, destination node), to the same in-node GPU index.
     node = jnp.where(idx >= 0, idx // e_node, -1)
     earlier = jnp.tril(jnp.ones((k, k), jnp.bool_), -1)  # earlier[j, i]: i < j
     repeated = jnp.any((node[:, :, None] == node[:, None, :]) & earlier[None], axis=-1)
-    dest1 = jnp.where(repeated, -1, node).reshape(-1)
-    s1 = assign_slots(dest1, topo.n_nodes, c1)
-    row1 = jnp.where(s1.src >= 0, s1.src // k, -1)
-    inv1 = s1.slot.reshape(t, k)
-    send_i = jnp.where((row1 >= 0)[:, None], idx[jnp.maximum(row1, 0)], -1)
-    hop1 = lambda v: _all_to_all(v.reshape((topo.n_nodes, c1) + v.shape[1:]), topo.node_axis,
-                                 topo.n_nodes).reshape(v.shape)
-    rx = _send(self.dispatch_codec, take_rows(x, row1, inv1), hop1)
-    rw = hop1(take_rows(topk_weight, row1, inv1))
-    ri = hop1(send_i)  # [R2 = n_nodes * C1, k]: the rows' expert ids (all k of them)
-    r2 = rx.shape[0]
-
-    # Hop 2: one copy per (row, expert on this node), over the intra-node fabric.
-    in_node = jnp.where((ri >= 0) & (ri // e_node == my_node), ri % e_node, -1).reshape(-1)
-    dest2 = jnp.where(in_node >= 0, in_node // e_local, -1)
-    s2 = assign_slots(dest2, g, c2)
-    send2 = take_rows(rx, jnp.where(s2.src >= 0, s2.src // k, -1), s2.slot.reshape(r2, k))
-    send2_e = jnp.where(s2.src >= 0, in_node[jnp.maximum(s2.src, 0)] % e_local, -1)
-    hop2 = lambda v: _all_to_all(v.reshape((g, c2) + v.shape[1:]), topo.gpu_axis,
-                                 g).reshape(v.shape)
-    out = expert_compute(_send(self.dispatch_codec, send2, hop2), hop2(send2_e), w_gate, w_up,
-                         w_down, fp8_recipe=self.expert_recipe)
-    per_pair = take_rows(_send(self.combine_codec, out, hop2), s2.slot,
-                         s2.src[:, None]).reshape(r2, k, d)
-    node_sum = jnp.einsum("rkd,rk->rd", per_pair, rw.astype(per_pair.dtype))  # in-node reduce
-
-    # Reverse hop 1: one row per (token, node) back over the inter-node fabric.
-    y = take_rows(_send(self.combine_codec, node_sum, hop1), s1.slot,
-                  s1.src[:, None]).reshape(t, k, d).sum(axis=1)
+    dest1 = jnp.where(repeated, -1, node)
+    per_node, s1, (s2, dest2) = exchange(
+        x, dest1, c1, topo.node_axis, topo.n_nodes, hop2,
+        items=(jnp.repeat(idx, k, axis=0), jnp.repeat(topk_weight, k, axis=0)),
+        dispatch_codec=self.dispatch_codec, combine_codec=self.combine_codec)
+    y = per_node.sum(axis=1)  # one row per (token, node), zero for repeats
 
     kept1 = s1.slot >= 0
     kept2 = s2.slot >= 0
     stats = DispatchStats(
         expert_counts=_psum(_bincount(idx.reshape(-1), n_experts), topo),
-        dropped=_psum(jnp.sum(idx >= 0).astype(jnp.float32) -
-                      jnp.sum(kept2).astype(jnp.float32), topo),
+        dropped=_psum(_count(idx >= 0) - _count(kept2), topo),
         needed_capacity=jnp.stack([_pmax(jnp.max(s1.counts), topo),
                                    _pmax(jnp.max(s2.counts), topo)]),
-        rows_inter_node=_psum(jnp.sum(kept1 & (dest1 != my_node)).astype(jnp.float32), topo),
-        rows_intra_node=_psum(jnp.sum(kept2 & (dest2 != my_gpu)).astype(jnp.float32), topo),
+        rows_inter_node=_psum(_count(kept1 & (dest1.reshape(-1) != my_node)), topo),
+        rows_intra_node=_psum(_count(kept2 & (dest2 != my_gpu)), topo),
         buffer_rows_inter_node=jnp.float32(
             topo.n_replicas * topo.n_devices * (topo.n_nodes - 1) * c1),
         buffer_rows_intra_node=jnp.float32(topo.n_replicas * topo.n_devices * (g - 1) * c2),
@@ -493,12 +527,13 @@ class TwoHopSchedule:
     return y, stats
 
 
-SCHEDULES = {"flat": FlatSchedule, "two_hop": TwoHopSchedule}
+SCHEDULES = {cls.name: cls for cls in (FlatSchedule, TwoHopSchedule)}
+assert tuple(SCHEDULES) == SCHEDULE_NAMES
 
 
-def get_schedule(name: str, dispatch_codec=None, combine_codec=None, expert_recipe=None):
-  """The schedule `name` (a key of SCHEDULES) with the given payload codecs and the routed
-  experts' FP8 recipe (None: compute dtype).
+def get_schedule(name: str, dispatch_codec=None, combine_codec=None):
+  """The schedule `name` (one of SCHEDULE_NAMES) with the given payload codecs (None: the
+  compute dtype).
 
   Raises:
     ValueError: unknown name (lists the allowed ones).
@@ -506,63 +541,10 @@ def get_schedule(name: str, dispatch_codec=None, combine_codec=None, expert_reci
   try:
     cls = SCHEDULES[name]
   except KeyError:
-    raise ValueError(f"model.dispatch={name!r}; allowed: {tuple(SCHEDULES)}") from None
-  return cls(dispatch_codec=dispatch_codec, combine_codec=combine_codec,
-             expert_recipe=expert_recipe)
+    raise ValueError(f"model.dispatch={name!r}; allowed: {SCHEDULE_NAMES}") from None
+  return cls(dispatch_codec=dispatch_codec, combine_codec=combine_codec)
 
 
 def payload_bytes_per_row(codec, d: int, dtype) -> int:
   """Bytes one token row of width d occupies on the wire under `codec` (None: `dtype`)."""
   return codec.bytes_per_row(d) if codec is not None else d * jnp.dtype(dtype).itemsize
-
-
-def moe_dense_reference(x, topk_idx, topk_weight, w_gate, w_up, w_down):
-  """Every expert on every token, masked by the routing: the single-device ground truth.
-
-  Args:
-    x: [T, D]; topk_idx: [T, k] int32; topk_weight: [T, k] float32;
-    w_gate, w_up: [E, D, F]; w_down: [E, F, D] (all experts).
-
-  Returns:
-    [T, D] = sum_j topk_weight[t, j] * FFN_{topk_idx[t, j]}(x[t]).
-  """
-  n_experts = w_gate.shape[0]
-  all_out = expert_ffn(jnp.broadcast_to(x[None], (n_experts,) + x.shape), w_gate, w_up, w_down)
-  combine = jnp.sum(jax.nn.one_hot(topk_idx, n_experts, dtype=jnp.float32) *
-                    topk_weight[..., None], axis=1)  # [T, E]
-  return jnp.einsum("etd,te->td", all_out, combine.astype(all_out.dtype))
-
-
-def link_copies(topk_idx, src_node, experts_per_node: int):
-  """Token copies per link class implied by a routing, for both schedules (no execution).
-
-  The counting rule of the schedules' `DispatchStats`, as plain arithmetic on the routing, so that
-  routings at any scale can be costed (arXiv 2505.09343 §4.3; report §3.2.2).
-
-  Args:
-    topk_idx: [T, k] int global expert ids (-1 = none), experts laid out node-major.
-    src_node: [T] int node holding each token.
-    experts_per_node: E / nodes.
-
-  Returns:
-    dict of [T] int arrays: `flat_inter` (one inter-node copy per remote expert),
-    `two_hop_inter` (one per distinct remote node), `nodes_reached` (distinct nodes, local
-    included), `experts_per_remote_node` (remote experts / remote nodes, 0 if none).
-  """
-  import numpy as np
-
-  idx = np.asarray(topk_idx)
-  src = np.asarray(src_node)[:, None]
-  valid = idx >= 0
-  node = np.where(valid, idx // experts_per_node, -1)
-  remote = valid & (node != src)
-  k = idx.shape[1]
-  first = np.ones_like(valid)
-  for j in range(1, k):  # a node counts once per token
-    first[:, j] = ~np.any(node[:, :j] == node[:, j:j + 1], axis=1)
-  flat_inter = remote.sum(1)
-  two_hop_inter = (remote & first).sum(1)
-  nodes_reached = (valid & first).sum(1)
-  per_node = np.where(two_hop_inter > 0, flat_inter / np.maximum(two_hop_inter, 1), 0.0)
-  return dict(flat_inter=flat_inter, two_hop_inter=two_hop_inter, nodes_reached=nodes_reached,
-              experts_per_remote_node=per_node)

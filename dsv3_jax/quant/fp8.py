@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsv3_jax.vma import match_varying_axes
+
 # name -> (dtype, largest finite magnitude). E4M3 is the OCP "fn" variant (no Inf, max 448).
 FP8_FORMATS = {
     "e4m3": (jnp.float8_e4m3fn, 448.0),
@@ -565,8 +567,8 @@ class Fp8Recipe:
       _check_positive_int(self.promotion_interval, "promotion_interval")
 
 
-def _gemm(a: jax.Array, b: jax.Array, recipe: Fp8Recipe) -> jax.Array:
-  """a [M, K] @ b [K, N] -> [M, N] float32 with the recipe's accumulation.
+def gemm(a: jax.Array, b: jax.Array, recipe: Fp8Recipe) -> jax.Array:
+  """a [M, K] @ b [K, N] -> [M, N] float32 with the recipe's accumulation (the FP8 GEMM core).
 
   a and b must be quantize-dequantized values of the recipe (as every caller passes). With
   power-of-two scales such a value is an FP8 number times 2^k: at most 4 significant bits, so
@@ -595,7 +597,7 @@ def _fp8_matmul_fwd(x, w, recipe):
                  fmt=recipe.fmt_forward, pow2_scale=recipe.pow2_scale)  # [T, K]
   wd = qdq_blocks(w.astype(jnp.float32), block=recipe.block, fmt=recipe.fmt_forward,
                   pow2_scale=recipe.pow2_scale)  # [K, N]
-  y = _gemm(xd, wd, recipe).reshape(*x.shape[:-1], n).astype(x.dtype)
+  y = gemm(xd, wd, recipe).reshape(*x.shape[:-1], n).astype(x.dtype)
   # The residuals are the dequantized FP8 activation and weight, held in float32: the same
   # numbers as the report's cached FP8 codes + scales (the memory saving is not emulated).
   # The zero-size arrays carry the primal dtypes.
@@ -610,13 +612,13 @@ def _fp8_matmul_bwd(recipe, residuals, g):
   g2 = g.reshape(-1, n).astype(jnp.float32)  # [T, N]
   q = functools.partial(qdq_tiles, tile=recipe.tile, pow2_scale=recipe.pow2_scale)
   # dgrad dX = dY W^T, contraction over N: dY in 1 x tile tiles along N, the forward's FP8 W.
-  dx = _gemm(q(g2, fmt=recipe.fmt_backward), wd.T, recipe)
+  dx = gemm(q(g2, fmt=recipe.fmt_backward), wd.T, recipe)
   # wgrad dW = X^T dY, contraction over the T tokens: the cached FP8 activation is
   # dequantized and re-quantized in tiles along T (the 128x1 tiles of the report's §3.5.2
   # transposed-GEMM discussion), and dY is quantized in tiles along T as well.
   xq_t = q(xd, fmt=recipe.fmt_forward, axis=0)  # [T, K]
   gq_t = q(g2, fmt=recipe.fmt_backward, axis=0)  # [T, N]
-  dw = _gemm(xq_t.T, gq_t, recipe)
+  dw = gemm(xq_t.T, gq_t, recipe)
   return dx.reshape(*lead, wd.shape[0]).astype(x_like.dtype), dw.astype(w_like.dtype)
 
 
@@ -654,25 +656,3 @@ def fp8_matmul(x, w, recipe: Optional[Fp8Recipe] = None) -> jax.Array:
     raise ValueError(f"x [..., K] and w [K, N] must agree on K, got {x.shape} and {w.shape}")
   x, w = match_varying_axes(x, w)
   return _fp8_matmul(x, w, recipe)
-
-
-def _varying_axes(a) -> frozenset:
-  mat = getattr(jax.typeof(a), "manual_axis_type", None)
-  return frozenset(getattr(mat, "varying", ()) or ())
-
-
-def match_varying_axes(*arrays):
-  """Casts every array to vary over the union of their manual mesh axes (inside shard_map).
-
-  A custom_vjp op whose operands differ in how they vary (a replicated weight times per-device
-  activations) would return a per-device weight gradient for an invariant weight, which
-  shard_map rejects. Casting before the op makes the operands agree; the cast's transpose then
-  sums the weight gradient over the devices, as the built-in dot's implicit cast does. Outside
-  shard_map this is the identity.
-  """
-  axes = frozenset().union(*(_varying_axes(a) for a in arrays))
-  if not axes:
-    return arrays
-  return tuple(a if _varying_axes(a) == axes else
-               jax.lax.pcast(a, tuple(sorted(axes - _varying_axes(a))), to="varying")
-               for a in arrays)

@@ -2,6 +2,7 @@
 reference; failures and timeouts kill every worker; impossible layouts are refused."""
 
 import os
+import sys
 import time
 
 import numpy as np
@@ -24,8 +25,11 @@ def two_hop_worker(nodes: int, gpus: int, t_local: int, k: int, d: int, f: int) 
   import jax.numpy as jnp
   from jax.sharding import NamedSharding, PartitionSpec as P
 
+  from dsv3_jax.model.experts import bind_experts
   from dsv3_jax.parallel import dispatch
   from dsv3_jax.parallel.mesh import make_mesh
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
+  from moe_reference import moe_dense_reference
 
   n_dev = nodes * gpus
   e, t = n_dev, n_dev * t_local
@@ -45,7 +49,9 @@ def two_hop_worker(nodes: int, gpus: int, t_local: int, k: int, d: int, f: int) 
   tok = P(("node", "gpu"))
   stats_spec = dispatch.DispatchStats(*([P()] * len(dispatch.DispatchStats._fields)))
   fn = jax.shard_map(
-      lambda *a: sched(*a, capacity=cap, topo=topo, n_experts=e), mesh=mesh,
+      lambda x, idx, w, valid, wg, wu, wd: sched(x, idx, w, valid, bind_experts(wg, wu, wd),
+                                                 capacity=cap, topo=topo, n_experts=e),
+      mesh=mesh,
       in_specs=(tok,) * 7, out_specs=(tok, stats_spec))
   arrays = [jax.make_array_from_callback(a.shape, NamedSharding(mesh, tok),
                                          lambda i, a=a: a[i])
@@ -53,9 +59,9 @@ def two_hop_worker(nodes: int, gpus: int, t_local: int, k: int, d: int, f: int) 
   y, st = jax.jit(fn)(*arrays)
   dx = jax.jit(jax.grad(lambda x, *r: jnp.sum(jnp.sin(fn(x, *r)[0]))))(*arrays)
 
-  ref = dispatch.moe_dense_reference(jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w),
-                                     jnp.asarray(wg), jnp.asarray(wu), jnp.asarray(wd))
-  dref = jax.grad(lambda x: jnp.sum(jnp.sin(dispatch.moe_dense_reference(
+  ref = moe_dense_reference(jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w),
+                            jnp.asarray(wg), jnp.asarray(wu), jnp.asarray(wd))
+  dref = jax.grad(lambda x: jnp.sum(jnp.sin(moe_dense_reference(
       x, jnp.asarray(idx), jnp.asarray(w), jnp.asarray(wg), jnp.asarray(wu),
       jnp.asarray(wd)))))(jnp.asarray(x))
   err = max(float(np.max(np.abs(np.asarray(s.data) - np.asarray(ref)[s.index])))

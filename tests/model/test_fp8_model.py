@@ -13,13 +13,14 @@ from jax.sharding import PartitionSpec as P
 
 from configs import orion_4x8_bf16, orion_4x8_fp8, tiny
 from dsv3_jax.model.config import FP8_LAYER_FAMILIES, ModelConfig
-from dsv3_jax.model.grouped_ffn import grouped_swiglu, grouped_swiglu_fp8
+from dsv3_jax.model.experts import bind_experts, grouped_swiglu, grouped_swiglu_fp8
 from dsv3_jax.model.layers import Linear
 from dsv3_jax.model.transformer import Transformer
 from dsv3_jax.parallel import dispatch
 from dsv3_jax.parallel.mesh import make_mesh
 from dsv3_jax.quant import fp8
 from dsv3_jax.quant.codec import codec_from_name
+from moe_reference import expert_ffn, moe_dense_reference
 
 RECIPE = fp8.Fp8Recipe(pow2_scale=True)
 
@@ -187,22 +188,23 @@ def test_model_forward_in_fp8_is_close_to_float32_and_only_the_listed_layers_are
   assert linears["layers/0/self_attn/q_a_proj"] == RECIPE
   assert linears["layers/0/mlp/down_proj"] == RECIPE  # dense MLP
   assert linears["layers/1/mlp/shared_experts/up_proj"] == RECIPE
-  assert m8.layers[1].mlp.schedule.expert_recipe == RECIPE
+  assert m8.layers[1].mlp.expert_recipe == RECIPE
   # Only the routed experts: attention projections and shared experts stay in float32.
   m_r = Transformer(TINY.replace(fp8=True, fp8_layers=("routed_experts",)), rngs=nnx.Rngs(0))
   assert m_r.layers[0].self_attn.q_a_proj.fp8_recipe is None
   assert m_r.layers[1].mlp.shared_experts.up_proj.fp8_recipe is None
-  assert m_r.layers[1].mlp.schedule.expert_recipe == RECIPE
+  assert m_r.layers[1].mlp.expert_recipe == RECIPE
 
 
 # --- FP8 dispatch on a mesh ------------------------------------------------------------------
 
 
-def _ep(mesh, sched, topo, cap, e):
+def _ep(mesh, sched, topo, cap, e, recipe=None):
   tok = P(("node", "gpu"))
 
   def run(x, idx, w, valid, wg, wu, wd):
-    return sched(x, idx, w, valid, wg, wu, wd, capacity=cap, topo=topo, n_experts=e)[0]
+    return sched(x, idx, w, valid, bind_experts(wg, wu, wd, fp8_recipe=recipe), capacity=cap,
+                 topo=topo, n_experts=e)[0]
 
   return jax.jit(jax.shard_map(run, mesh=mesh, in_specs=(tok,) * 7, out_specs=tok))
 
@@ -227,7 +229,7 @@ def test_fp8_dispatch_on_an_8_device_mesh_equals_the_qdq_reference():
   sched = dispatch.get_schedule("flat", fp8c, bf16c)
   cap = sched.worst_case_capacity(t_local, e, k, topo, nodes)
   y = _ep(mesh, sched, topo, cap, e)(x, idx, w, valid, wg, wu, wd)
-  pair = dispatch.expert_ffn(jnp.broadcast_to(xq[None], (e, t, d)), wg, wu, wd)  # [E, T, D]
+  pair = expert_ffn(jnp.broadcast_to(xq[None], (e, t, d)), wg, wu, wd)  # [E, T, D]
   per_pair = jnp.stack([pair[idx[:, j], jnp.arange(t)] for j in range(k)], 1)  # [T, k, D]
   ref = jnp.einsum("tkd,tk->td", bf16c.qdq(per_pair.reshape(t * k, d)).reshape(t, k, d), w)
   # The expert kernel and the reference sum in different orders, which can flip a BF16
@@ -235,22 +237,23 @@ def test_fp8_dispatch_on_an_8_device_mesh_equals_the_qdq_reference():
   bound = jnp.einsum("tkd,tk->td", jnp.abs(per_pair), w) * 2.0 ** -7 + 1e-6
   assert np.all(np.abs(np.asarray(y) - np.asarray(ref)) <= np.asarray(bound))
   assert _rel(y, ref) < 1e-3
-  assert _rel(y, dispatch.moe_dense_reference(x, idx, w, wg, wu, wd)) > 1e-3  # it did quantize
+  assert _rel(y, moe_dense_reference(x, idx, w, wg, wu, wd)) > 1e-3  # it did quantize
 
   # Two-hop with FP8 dispatch and FP8 routed experts: the experts see the dispatched rows
   # once quantized (power-of-two scales: their own tile quantization is then exact), so the
   # result equals the one-device FP8 experts on qdq(x).
-  sched = dispatch.get_schedule("two_hop", fp8c, None, RECIPE)
+  sched = dispatch.get_schedule("two_hop", fp8c, None)
   cap = sched.worst_case_capacity(t_local, e, k, topo, nodes)
-  y = _ep(mesh, sched, topo, cap, e)(x, idx, w, valid, wg, wu, wd)
-  local = dispatch.get_schedule("two_hop", None, None, RECIPE)
-  y_ref, _ = local(xq, idx, w, valid, wg, wu, wd, capacity=cap, topo=dispatch.EPTopology(),
+  y = _ep(mesh, sched, topo, cap, e, RECIPE)(x, idx, w, valid, wg, wu, wd)
+  local = dispatch.get_schedule("two_hop", None, None)
+  experts8 = lambda wg: bind_experts(wg, wu, wd, fp8_recipe=RECIPE)
+  y_ref, _ = local(xq, idx, w, valid, experts8(wg), capacity=cap, topo=dispatch.EPTopology(),
                    n_experts=e)
   np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
   # Straight-through BF16 backward through the FP8 dispatch: close to the reference gradient.
-  fn = _ep(mesh, sched, topo, cap, e)
+  fn = _ep(mesh, sched, topo, cap, e, RECIPE)
   loss = lambda x, wg: jnp.sum(jnp.sin(fn(x, idx, w, valid, wg, wu, wd)))
-  loss_ref = lambda x, wg: jnp.sum(jnp.sin(local(x, idx, w, valid, wg, wu, wd, capacity=cap,
+  loss_ref = lambda x, wg: jnp.sum(jnp.sin(local(x, idx, w, valid, experts8(wg), capacity=cap,
                                                  topo=dispatch.EPTopology(), n_experts=e)[0]))
   g = jax.jit(jax.grad(loss, (0, 1)))(x, wg)
   g_ref = jax.jit(jax.grad(loss_ref, (0, 1)))(xq, wg)

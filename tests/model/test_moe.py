@@ -1,5 +1,7 @@
 """DeepSeekMoE routing semantics, balance loss and the local dispatch path."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +10,9 @@ from flax import nnx
 
 from dsv3_jax.model.config import ModelConfig
 from dsv3_jax.model.moe import DeepSeekMoE, route, sequence_balance_loss
+from dsv3_jax.model.experts import bind_experts
 from dsv3_jax.parallel import dispatch
+from moe_reference import moe_dense_reference
 
 SMALL = ModelConfig(hidden_size=16, moe_intermediate_size=8, n_routed_experts=8, n_group=4,
                     topk_group=2, num_experts_per_tok=3, num_attention_heads=2,
@@ -89,9 +93,10 @@ def test_local_schedules_match_dense_reference_values_and_grads(schedule):
   valid = jnp.ones((t,), bool)
 
   def run(x, w, wg, wu, wd):
-    return sched(x, idx, w, valid, wg, wu, wd, capacity=cap, topo=topo, n_experts=e)[0]
+    return sched(x, idx, w, valid, bind_experts(wg, wu, wd), capacity=cap, topo=topo,
+                 n_experts=e)[0]
 
-  ref = lambda x, w, wg, wu, wd: dispatch.moe_dense_reference(x, idx, w, wg, wu, wd)
+  ref = lambda x, w, wg, wu, wd: moe_dense_reference(x, idx, w, wg, wu, wd)
   np.testing.assert_allclose(run(x, w, wg, wu, wd), ref(x, w, wg, wu, wd), rtol=1e-5, atol=1e-5)
   loss = lambda fn: (lambda *a: jnp.sum(jnp.sin(fn(*a))))
   g1 = jax.grad(loss(run), argnums=(0, 1, 2, 3, 4))(x, w, wg, wu, wd)
@@ -107,9 +112,9 @@ def test_one_device_is_dropless_for_any_load():
   w = jnp.ones((t, 1))
   wg, wu, wd = _weights(e, d, f)
   valid = jnp.array([True, True, True, True, False])  # the last token is padding
-  y, st = dispatch.FlatSchedule()(x, idx, w, valid, wg, wu, wd, capacity=(1,),
+  y, st = dispatch.FlatSchedule()(x, idx, w, valid, bind_experts(wg, wu, wd), capacity=(1,),
                                   topo=dispatch.EPTopology(), n_experts=e)
-  ref = dispatch.moe_dense_reference(x, idx, w, wg, wu, wd)
+  ref = moe_dense_reference(x, idx, w, wg, wu, wd)
   np.testing.assert_allclose(y[:4], ref[:4], rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(np.asarray(y[4]), 0.0)  # padding is never dispatched
   assert float(st.dropped) == 0.0
@@ -118,7 +123,7 @@ def test_one_device_is_dropless_for_any_load():
 
 @pytest.mark.parametrize("window", [1, 3, 128])
 def test_grouped_swiglu_matches_per_row_ffn_any_window(window):
-  from dsv3_jax.model.grouped_ffn import grouped_swiglu
+  from dsv3_jax.model.experts import grouped_swiglu
   e, d, f = 3, 8, 4
   sizes = np.array([5, 0, 7], np.int32)
   starts = np.array([0, 5, 5], np.int32)
@@ -172,9 +177,39 @@ def test_moe_layer_adds_shared_expert_and_excludes_padding_from_counts():
   assert float(jnp.sum(st.dispatch.expert_counts)) == 8 * 3  # 8 real tokens x top-3
   tokens = x.reshape(10, 16)
   routing = moe.gate(tokens)
-  routed = dispatch.moe_dense_reference(tokens, routing.topk_idx, routing.topk_weight,
+  routed = moe_dense_reference(tokens, routing.topk_idx, routing.topk_weight,
                                         moe.experts.gate_proj[...], moe.experts.up_proj[...],
                                         moe.experts.down_proj[...])
   routed = routed * mask.reshape(10, 1)
   want = routed.reshape(2, 5, 16) + moe.shared_experts(x)
   np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "fp8"])
+@pytest.mark.parametrize("window", [4, 128])
+def test_grouped_kernels_reproduce_their_pinned_numbers(kind, window):
+  # tests/data/grouped_swiglu_pinned.npz: the kernels' outputs and gradients before the float
+  # and FP8 kernels shared one window loop (tests/data/make_grouped_swiglu_pinned.py).
+  from dsv3_jax.model.experts import grouped_swiglu, grouped_swiglu_fp8
+  from dsv3_jax.quant.fp8 import Fp8Recipe
+  ref = np.load(os.path.join(os.path.dirname(__file__), "..", "data",
+                             "grouped_swiglu_pinned.npz"))
+  segs = (jnp.asarray(ref["starts"]), jnp.asarray(ref["sizes"]),
+          jnp.arange(len(ref["sizes"]), dtype=jnp.int32))
+  n = int(ref["sizes"].sum())
+  if kind == "fp8":
+    fn = lambda x, a, b, c: grouped_swiglu_fp8(x, *segs, a, b, c, window, Fp8Recipe())
+    dt = jnp.float32
+  else:
+    dt = jnp.dtype(kind)
+    fn = lambda x, a, b, c: grouped_swiglu(x.astype(dt), *segs, a, b, c, window)
+  args = [jnp.asarray(ref[k]) for k in ("x", "wg", "wu", "wd")]
+  y, vjp = jax.vjp(fn, *args)
+  grads = vjp(jnp.asarray(ref["dy"]).astype(dt))
+  np.testing.assert_array_equal(np.asarray(y[:n].astype(jnp.float32)), ref[f"y_{window}_{kind}"])
+  for name, g in zip(("dx", "dwg", "dwu", "dwd"), grads):
+    want = ref[f"{name}_{window}_{kind}"]
+    got = np.asarray(g.astype(jnp.float32))
+    if name == "dx":
+      got, want = got[:n], want[:n]
+    np.testing.assert_array_equal(got, want, err_msg=name)

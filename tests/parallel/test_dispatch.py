@@ -10,10 +10,13 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from dsv3_jax.analysis.routing import link_copies
 from dsv3_jax.model.config import ModelConfig
+from dsv3_jax.model.experts import bind_experts
 from dsv3_jax.model.moe import DeepSeekMoE
 from dsv3_jax.parallel import dispatch
 from dsv3_jax.parallel.mesh import make_mesh, shard_model
+from moe_reference import moe_dense_reference
 
 AXES = ("node", "gpu")
 
@@ -37,13 +40,16 @@ def _ep_fn(mesh, sched, topo, capacity, e):
   tok = P(AXES)
 
   def run(x, idx, w, valid, wg, wu, wd):
-    return sched(x, idx, w, valid, wg, wu, wd, capacity=capacity, topo=topo, n_experts=e)
+    return sched(x, idx, w, valid, bind_experts(wg, wu, wd), capacity=capacity, topo=topo,
+                 n_experts=e)
 
   stats_spec = dispatch.DispatchStats(*([P()] * len(dispatch.DispatchStats._fields)))
   return jax.jit(jax.shard_map(run, mesh=mesh, in_specs=(tok,) * 7, out_specs=(tok, stats_spec)))
 
 
-@pytest.mark.parametrize("nodes,gpus", [(2, 4), (4, 8)])
+# (1, N) is one node of N GPUs, (N, 1) N nodes of one GPU: a size-1 axis must still be reduced
+# over, or shard_map's output check rejects the statistics.
+@pytest.mark.parametrize("nodes,gpus", [(2, 4), (4, 8), (1, 2), (1, 8), (2, 1), (4, 1)])
 @pytest.mark.parametrize("schedule", ["flat", "two_hop"])
 def test_expert_parallel_equals_dense_reference(nodes, gpus, schedule):
   t_local, e_per_dev, k = 6, 2, 3
@@ -57,14 +63,14 @@ def test_expert_parallel_equals_dense_reference(nodes, gpus, schedule):
   valid = jnp.ones(x.shape[0], bool)
 
   y, st = fn(x, idx, w, valid, wg, wu, wd)
-  ref = dispatch.moe_dense_reference(x, idx, w, wg, wu, wd)
+  ref = moe_dense_reference(x, idx, w, wg, wu, wd)
   np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
   assert float(st.dropped) == 0.0
   np.testing.assert_array_equal(np.asarray(st.expert_counts),
                                 np.bincount(np.asarray(idx).ravel(), minlength=e))
 
   loss_ep = lambda x, w, wg, wu, wd: jnp.sum(jnp.sin(fn(x, idx, w, valid, wg, wu, wd)[0]))
-  loss_ref = lambda x, w, wg, wu, wd: jnp.sum(jnp.sin(dispatch.moe_dense_reference(
+  loss_ref = lambda x, w, wg, wu, wd: jnp.sum(jnp.sin(moe_dense_reference(
       x, idx, w, wg, wu, wd)))
   g_ep = jax.jit(jax.grad(loss_ep, argnums=(0, 1, 2, 3, 4)))(x, w, wg, wu, wd)
   g_ref = jax.grad(loss_ref, argnums=(0, 1, 2, 3, 4))(x, w, wg, wu, wd)
@@ -104,7 +110,7 @@ def test_two_hop_sends_one_inter_node_copy_per_destination_node():
   idx = jnp.asarray(rows, jnp.int32)
   topo = dispatch.EPTopology(nodes, gpus)
   valid = jnp.ones(x.shape[0], bool)
-  ref = dispatch.moe_dense_reference(x, idx, w, wg, wu, wd)
+  ref = moe_dense_reference(x, idx, w, wg, wu, wd)
   copies = {}
   for name in ("flat", "two_hop"):
     sched = dispatch.get_schedule(name)
@@ -154,6 +160,37 @@ def test_moe_layer_on_mesh_equals_unsharded_layer_and_is_sharded(schedule):
   assert float(st.dispatch.dropped) == 0
 
 
+# Both schedules on each of these meshes are checked (values and gradients) at the dispatch
+# level above; here the layer's own shard_map (where the size-1 axis bug showed).
+@pytest.mark.parametrize("nodes,gpus,schedule", [(1, 2, "flat"), (1, 8, "two_hop"),
+                                                 (2, 1, "two_hop"), (4, 1, "flat")])
+def test_moe_layer_on_a_mesh_with_a_size_one_axis_equals_unsharded_layer(nodes, gpus, schedule):
+  cfg = SMALL.replace(dispatch=schedule, n_group=max(nodes, 2), topk_group=1)
+  mesh = make_mesh(nodes, gpus)
+  ep = DeepSeekMoE(cfg, mesh=mesh, rngs=nnx.Rngs(0))
+  local = DeepSeekMoE(cfg, rngs=nnx.Rngs(0))
+  nnx.update(local, nnx.state(ep))
+  shard_model(ep, mesh)
+  x = jax.random.normal(jax.random.PRNGKey(7), (8, 4, 16))
+  xs = jax.device_put(x, NamedSharding(mesh, P(AXES)))
+  loss = lambda m, x: jnp.sum(jnp.sin(m(x, None, m.worst_case_capacity(32))[0]))
+  y_ep, st = nnx.jit(lambda m, x: m(x, None, m.worst_case_capacity(32)))(ep, xs)
+  y_local, st_local = local(x)
+  np.testing.assert_allclose(y_ep, y_local, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(st.dispatch.expert_counts),
+                                np.asarray(st_local.dispatch.expert_counts))
+  assert float(st.dispatch.dropped) == 0
+  g_ep = nnx.jit(nnx.grad(loss))(ep, xs)
+  g_local = nnx.grad(loss)(local, x)
+  for a, b in zip(jax.tree.leaves(g_ep), jax.tree.leaves(g_local)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_node_limited_rule_is_checked_when_the_layer_is_built_on_a_mesh():
+  with pytest.raises(ValueError, match="model.n_group=2 must equal the 4 nodes"):
+    DeepSeekMoE(SMALL.replace(n_group=2), mesh=make_mesh(4, 1), rngs=nnx.Rngs(0))
+
+
 def test_bad_expert_parallel_size_is_refused():
   with pytest.raises(ValueError, match="n_routed_experts=12 is not divisible"):
     DeepSeekMoE(SMALL.replace(n_routed_experts=12, n_group=2), mesh=make_mesh(2, 4),
@@ -166,7 +203,7 @@ def test_link_copies_counting_rule_matches_the_running_schedules():
   n_dev, e = nodes * gpus, wg.shape[0]
   topo = dispatch.EPTopology(nodes, gpus)
   src_node = np.repeat(np.arange(n_dev) // gpus, t_local)
-  c = dispatch.link_copies(np.asarray(idx), src_node, e // nodes)
+  c = link_copies(np.asarray(idx), src_node, e // nodes)
   valid = jnp.ones(x.shape[0], bool)
   for name, key in (("flat", "flat_inter"), ("two_hop", "two_hop_inter")):
     sched = dispatch.get_schedule(name)
@@ -190,7 +227,7 @@ def test_dispatch_payload_codec_runs_and_reports_wire_bytes(payload):
   cap = sched.worst_case_capacity(t_local, wg.shape[0], k, topo, nodes)
   y, _ = _ep_fn(make_mesh(nodes, gpus), sched, topo, cap, wg.shape[0])(
       x, idx, w, jnp.ones(x.shape[0], bool), wg, wu, wd)
-  ref = dispatch.moe_dense_reference(codec.qdq(x), idx, w, wg, wu, wd)  # payload quantized once
+  ref = moe_dense_reference(codec.qdq(x), idx, w, wg, wu, wd)  # payload quantized once
   np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
 
 
