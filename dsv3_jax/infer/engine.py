@@ -57,18 +57,28 @@ BYTE_VOCAB = 256
 # ---------------------------------------------------------------------------- placement
 
 
-def for_mesh(model: Transformer, mesh) -> Transformer:
+def for_mesh(model: Transformer, mesh, config: Optional[ModelConfig] = None) -> Transformer:
   """The same parameters in a model built for `mesh` (experts sharded over its (`node`,
   `gpu`) axes), or for one device when mesh is None. `model` is left as it is.
 
+  Args:
+    model: the source model.
+    mesh: the target mesh or None.
+    config: optional execution settings for the new model (e.g. another `dispatch` schedule
+      or payload codec); its architecture must be the model's.
+
   Raises:
-    ValueError: the experts do not divide over the mesh (from `DeepSeekMoE`).
+    ValueError: the experts do not divide over the mesh (from `DeepSeekMoE`), or `config`
+      changes the architecture.
   """
-  abstract = nnx.eval_shape(lambda: Transformer(model.config, mesh=mesh, rngs=nnx.Rngs(0)))
-  graphdef, _ = nnx.split(abstract)
-  state = nnx.state(model)
-  if mesh is None:
-    state = jax.device_get(state)
+  config = model.config if config is None else config.validate()
+  abstract = nnx.eval_shape(lambda: Transformer(config, mesh=mesh, rngs=nnx.Rngs(0)))
+  shapes = lambda m: [tuple(v.shape) for v in jax.tree.leaves(nnx.state(m, nnx.Param))]
+  if shapes(abstract) != shapes(model):
+    raise ValueError("for_mesh: config changes the architecture (parameter shapes differ)")
+  graphdef, state = nnx.split(abstract)  # variables carry the new mesh's sharding metadata
+  values = nnx.to_pure_dict(nnx.state(model))
+  nnx.replace_by_pure_dict(state, jax.device_get(values) if mesh is None else values)
   new = nnx.merge(graphdef, state)
   if mesh is not None:
     from dsv3_jax.parallel.mesh import shard_model
@@ -150,6 +160,12 @@ class StepFunctions:
       self.sample = jax.jit(self._sample)
     else:
       axes = tuple(mesh.axis_names)
+      for moe in model.moe_layers:
+        specs = jax.tree.leaves(nnx.get_partition_spec(nnx.state(moe.experts)),
+                                is_leaf=lambda x: isinstance(x, P))
+        if moe.mesh is not mesh or any(not sp or sp[0] is None for sp in specs):
+          raise ValueError("the model's experts are not laid out for this mesh; build it "
+                           "with the mesh (load_hf / load_trained mesh=...) or for_mesh")
       from dsv3_jax.parallel.mesh import state_shardings
       st_sh = state_shardings(self.state, mesh)
       st_spec = jax.tree.map(lambda s: s.spec, st_sh)

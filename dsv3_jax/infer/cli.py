@@ -1,0 +1,153 @@
+"""`dsv3-generate`: sample text from a trained run or a Hugging Face checkpoint.
+
+    dsv3-generate --workdir runs/orion_4x8 --prompt "def main(" --max-new-tokens 200
+    dsv3-generate --hf path/to/checkpoint --prompt-ids 1,2,3 --temperature 0.8 --top-p 0.9
+    dsv3-generate --workdir runs/orion_4x8 --prompt "import " --nodes 4 --gpus-per-node 8
+
+Tokens are printed as they are generated (bytes decoded as UTF-8 for byte-level models, ids
+otherwise); a summary (tokens, tokens/s, compilations) goes to stderr. The emulated device
+count (nodes x gpus-per-node) is set before jax is imported, so this module imports jax only
+inside `main`. Bad settings stop before any work with a message naming the setting.
+(`python -m dsv3_jax.infer.cli ...` is the same command.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import os
+import sys
+import time
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="dsv3-generate", description=__doc__.split("\n\n")[0])
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument("--workdir", help="training run directory (config.json + checkpoints/)")
+  src.add_argument("--hf", help="Hugging Face DeepSeek-V3 checkpoint directory")
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+  prm = p.add_mutually_exclusive_group(required=True)
+  prm.add_argument("--prompt", help="prompt text (byte-level models)")
+  prm.add_argument("--prompt-ids", help="prompt token ids, comma separated")
+  p.add_argument("--max-new-tokens", type=int, default=128)
+  p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+  p.add_argument("--top-k", type=int, default=0, help="0 = off")
+  p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+  p.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling")
+  p.add_argument("--stop-ids", default="", help="token ids that end generation, comma separated")
+  p.add_argument("--nodes", type=int, default=1, help="mesh nodes (expert parallelism)")
+  p.add_argument("--gpus-per-node", type=int, default=1, help="mesh devices per node")
+  p.add_argument("--page-size", type=int, default=16, help="cache tokens per page")
+  p.add_argument("--num-pages", type=int, default=None, help="cache pages per device")
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="compute dtype (--hf only; a run keeps its trained dtype)")
+  return p
+
+
+def _ids(text: str, name: str) -> list[int]:
+  try:
+    return [int(t) for t in text.split(",") if t.strip()]
+  except ValueError:
+    raise ValueError(f"{name} must be comma-separated integers, got {text!r}") from None
+
+
+def check_args(args) -> None:
+  """Checks the settings that need no model (before anything is loaded).
+
+  Raises:
+    ValueError / FileNotFoundError: naming the option and the allowed values.
+  """
+  if args.max_new_tokens <= 0:
+    raise ValueError(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}")
+  if args.temperature < 0:
+    raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+  if args.top_k < 0:
+    raise ValueError(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
+  if not 0 < args.top_p <= 1:
+    raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+  for name, v in (("--nodes", args.nodes), ("--gpus-per-node", args.gpus_per_node),
+                  ("--page-size", args.page_size)):
+    if v < 1:
+      raise ValueError(f"{name} must be a positive integer, got {v}")
+  if args.num_pages is not None and args.num_pages < 1:
+    raise ValueError(f"--num-pages must be a positive integer, got {args.num_pages}")
+  if args.prompt is not None and not args.prompt:
+    raise ValueError("--prompt is empty; give at least one character")
+  if args.prompt_ids is not None and not _ids(args.prompt_ids, "--prompt-ids"):
+    raise ValueError("--prompt-ids is empty; give at least one token id")
+  _ids(args.stop_ids, "--stop-ids")
+  if args.workdir is not None:
+    if not os.path.isfile(os.path.join(args.workdir, "config.json")):
+      raise FileNotFoundError(f"--workdir {args.workdir}: no config.json (not a training run "
+                              "directory; train one with dsv3-train)")
+    ckpt = os.path.join(args.workdir, "checkpoints")
+    if not os.path.isdir(ckpt) or not any(n.isdigit() for n in os.listdir(ckpt)):
+      raise FileNotFoundError(f"--workdir {args.workdir}: no checkpoint under {ckpt}")
+  if args.hf is not None:
+    for f in ("config.json", "model.safetensors"):
+      if not os.path.isfile(os.path.join(args.hf, f)):
+        raise FileNotFoundError(f"--hf {args.hf}: {f} not found")
+
+
+def main(argv=None, out=None) -> int:
+  """Runs the command; returns the exit status (2 on a bad setting)."""
+  args = _parser().parse_args(argv)
+  out = sys.stdout if out is None else out
+  err = sys.stderr
+  try:
+    check_args(args)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"dsv3-generate: error: {e}", file=err)
+    return 2
+  from dsv3_jax.parallel.mesh import set_host_device_count
+
+  n_dev = args.nodes * args.gpus_per_node
+  if "jax" not in sys.modules:
+    set_host_device_count(n_dev)
+  import jax
+
+  from dsv3_jax.infer.engine import Engine
+  from dsv3_jax.parallel.mesh import make_mesh
+
+  try:
+    mesh = make_mesh(args.nodes, args.gpus_per_node) if n_dev > 1 else None
+    kw = dict(mesh=mesh, max_batch=n_dev, page_size=args.page_size, num_pages=args.num_pages)
+    if args.workdir is not None:
+      engine = Engine.from_workdir(args.workdir, step=args.step, **kw)
+    else:
+      engine = Engine.from_hf(args.hf, dtype=args.dtype, **kw)
+    prompt = args.prompt if args.prompt is not None else _ids(args.prompt_ids, "--prompt-ids")
+    rid = engine.submit(prompt, max_new_tokens=args.max_new_tokens,
+                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                        stop_tokens=_ids(args.stop_ids, "--stop-ids"),
+                        key=jax.random.key(args.seed))
+  except (ValueError, FileNotFoundError) as e:
+    print(f"dsv3-generate: error: {e}", file=err)
+    return 2
+  text = codecs.getincrementaldecoder("utf-8")(errors="replace") if engine.byte_level else None
+  if args.prompt is not None:
+    out.write(args.prompt)
+  t0 = time.perf_counter()
+  n = 0
+  while engine.has_work():
+    for ev in engine.step():
+      n += 1
+      out.write(text.decode(bytes([ev.token])) if text else f"{ev.token} ")
+      out.flush()
+  if text:
+    out.write(text.decode(b"", final=True))
+  out.write("\n")
+  dt = time.perf_counter() - t0
+  done = engine.completion(rid)
+  print(f"[{n} tokens in {dt:.2f} s ({n / dt:.1f} tokens/s incl. compilation), finish: "
+        f"{done.finish_reason}, compilations: {engine.compiles}, cache "
+        f"{engine.cache_bytes_per_token():.0f} B/token]", file=err)
+  return 0
+
+
+def run() -> None:
+  sys.exit(main())
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,56 @@
+"""`dsv3-generate`: streams the greedy completion of a checkpoint; bad settings stop with a
+message naming the option before anything is loaded or run."""
+
+import io
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+
+from dsv3_jax.infer import cli
+
+REF = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "hf_deepseek_v3", "tiny")
+
+
+def test_generate_from_a_hugging_face_checkpoint_prints_the_greedy_completion(capsys):
+  ref = np.load(os.path.join(REF, "generation.npz"))
+  prompt, tokens = ref["prompt_1"], ref["tokens_1"][:12]
+  out = io.StringIO()
+  rc = cli.main(["--hf", REF, "--prompt-ids", ",".join(map(str, prompt)),
+                 "--max-new-tokens", "12", "--page-size", "32"], out=out)
+  assert rc == 0
+  assert out.getvalue() == bytes(tokens.tolist()).decode("utf-8", errors="replace") + "\n"
+  assert "12 tokens" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--prompt", ""], "--prompt is empty"),
+    (["--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens must be a positive"),
+    (["--prompt", "x", "--top-p", "2"], r"--top-p must be in \(0, 1\]"),
+    (["--prompt", "x", "--temperature", "-1"], "--temperature"),
+    (["--prompt-ids", "1,x"], "--prompt-ids must be comma-separated integers"),
+    (["--prompt", "x", "--nodes", "0"], "--nodes"),
+])
+def test_bad_settings_name_the_option(args, match, capsys):
+  assert cli.main(["--hf", REF] + args) == 2
+  assert re.search(match, capsys.readouterr().err)
+
+
+def test_a_workdir_without_checkpoint_is_refused(tmp_path, capsys):
+  assert cli.main(["--workdir", str(tmp_path), "--prompt", "x"]) == 2
+  assert "no config.json" in capsys.readouterr().err
+  (tmp_path / "config.json").write_text(json.dumps({}))
+  assert cli.main(["--workdir", str(tmp_path), "--prompt", "x"]) == 2
+  assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_requests_the_model_cannot_take_are_refused_after_loading(capsys):
+  assert cli.main(["--hf", REF, "--prompt", "x" * 257]) == 2
+  assert "max_position_embeddings=256" in capsys.readouterr().err
+  assert cli.main(["--hf", REF, "--prompt-ids", "300"]) == 2
+  assert "outside the vocabulary" in capsys.readouterr().err
+  assert cli.main(["--hf", REF, "--prompt", "x", "--num-pages", "1",
+                   "--max-new-tokens", "100"]) == 2
+  assert "cache.num_pages=1" in capsys.readouterr().err
