@@ -60,7 +60,7 @@ def op_rows(reps: int) -> list[dict]:
   import jax.numpy as jnp
   import numpy as np
 
-  from dsv3_jax.model.grouped_ffn import grouped_swiglu, grouped_swiglu_fp8
+  from dsv3_jax.model.experts import grouped_swiglu, grouped_swiglu_fp8
   from dsv3_jax.quant import fp8
 
   rec = fp8.Fp8Recipe(pow2_scale=True)  # the FP8 config's recipe

@@ -19,10 +19,8 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
 

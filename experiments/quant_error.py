@@ -104,11 +104,6 @@ def capture(workdir: str, n_windows: int, batch: int):
   modules = {tuple(p): m for p, m in nnx.iter_modules(model)}
   linears = [p for p, m in modules.items() if isinstance(m, Linear)]
   moes = [p for p, m in modules.items() if isinstance(m, DeepSeekMoE)]
-  if any(modules[p].shared_experts is None for p in moes):
-    raise ValueError("the MoE input and output gradient are read at the shared expert: "
-                     "n_shared_experts must be >= 1")
-  shared_in = ("shared_experts", "gate_proj", "input")  # the shared expert's sown input = x
-  shared_out = ("shared_experts", "down_proj", "output")  # its output's perturbation
   graphdef, state = nnx.split(model)
 
   def loss_fn(m, window):
@@ -125,22 +120,20 @@ def capture(workdir: str, n_windows: int, batch: int):
     "moe:<path>" = (MoE input [B, S, D], topk_idx [B S, k], topk_weight [B S, k])."""
     m = nnx.merge(graphdef, state)  # made inside the trace, so that nnx.capture may annotate it
     loss, sown = nnx.capture(loss_fn, nnx.Intermediate, init=perturbations)(m, window)
-    sown, by_path = flat(sown), dict(nnx.iter_modules(m))
+    sown = flat(sown)
     acts = {}
     for path in linears:
       if _linear_role(path)[0]:
         (acts[_key("lin_in", path)],) = sown[path + ("input",)]  # each runs once per forward
     for path in moes:
-      (x,) = sown[path + shared_in]
-      routing = by_path[path].gate(x.reshape(-1, x.shape[-1]))  # the layer's routing of x
-      acts[_key("moe", path)] = (x, routing.topk_idx, routing.topk_weight)
+      (acts[_key("moe", path)],) = sown[path + ("routing",)]  # (x, topk_idx, topk_weight)
     return loss, acts
 
   def output_grads(grads) -> dict:
     """"lin_out:<path>" = dL/d(Linear output), "moe_out:<path>" = dL/d(MoE output)."""
     g = flat(grads)
     out = {_key("lin_out", p): g[p + ("output",)] for p in linears}
-    out.update({_key("moe_out", p): g[p + shared_out] for p in moes})
+    out.update({_key("moe_out", p): g[p + ("output",)] for p in moes})
     return out
 
   @jax.jit

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
+from dsv3_jax.model import capture
 from dsv3_jax.model.config import ModelConfig
 from dsv3_jax.model.experts import bind_experts
 from dsv3_jax.model.layers import MLP, normal_init
@@ -245,5 +246,8 @@ class DeepSeekMoE(nnx.Module):
     y = y.reshape(b, s, d)
     if self.shared_experts is not None:
       y = y + self.shared_experts(x)
+    # Capture points for analysis (experiments/quant_error.py); inert outside nnx.capture.
+    capture.sow(self, "routing", (x, routing.topk_idx, routing.topk_weight))
+    y = capture.perturb(self, "output", y)
     return y, MoEStats(stats, balance, routing.topk_idx.reshape(b, s, k),
                        routing.topk_weight.reshape(b, s, k))

@@ -1,8 +1,8 @@
-"""FP8 training wired into the model (issue 4): the config switch, the FP8 Linear, the FP8
-grouped experts, FP8 dispatch on a mesh, the whole model, and a short FP8 training run."""
+"""FP8 training wired into the model (report §3.3; results/fp8_training.md): the config switch,
+the FP8 Linear, the FP8 grouped experts, FP8 dispatch on a mesh, the whole model, and a short
+FP8 training run."""
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
