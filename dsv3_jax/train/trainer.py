@@ -1,8 +1,10 @@
-"""Config-driven training: losses, the jitted step, dropless capacity control, evaluation.
+"""Config-driven training: the job around the step (build, restore, loop, summary).
 
-One step (DESIGN.md "Data flow"): tokens -> model (+ MTP) -> loss = CE + lambda * MTP +
-alpha * balance -> grads -> optax AdamW -> auxiliary-loss-free bias update from the step's
-per-expert loads (padding excluded) -> metrics.
+`train(cfg)` runs a training job from an ml_collections config (configs/tiny.py): it checks the
+config (`validate`), builds the data, the model on its mesh and the jitted steps (`step.py`),
+restores the newest checkpoint, runs the steps with dropless capacity control, evaluates, and
+writes `<workdir>/{config.json, metrics.jsonl, summary.json, checkpoints/}`. The objective
+lives in `losses.py`, the step in `step.py`; their public names are re-exported here.
 
 Dropless mode (`train.dropless`): MoE buffers have a static capacity (XLA needs static shapes);
 each step reports the capacity it needed, and a step that would have dropped a token is
@@ -14,258 +16,25 @@ load rather than of the worst case.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import time
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dsv3_jax.model.config import ModelConfig
-from dsv3_jax.model.moe import RouterBias
-from dsv3_jax.model.transformer import ModelOutput, Transformer
-
-
-# ----------------------------------------------------------------------------- losses
-
-
-def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
-  """Mean next-token cross-entropy in nats over positions where mask is True.
-
-  Args:
-    logits: [B, S, V] float32; targets: [B, S] int32; mask: [B, S] bool.
-  """
-  logz = jax.nn.logsumexp(logits, axis=-1)
-  gold = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  m = mask.astype(jnp.float32)
-  return jnp.sum((logz - gold) * m) / jnp.maximum(jnp.sum(m), 1.0)
-
-
-class Batch(NamedTuple):
-  """One step's tensors (B sequences of S inputs, MTP depth D).
-
-  inputs [B, S] t_0..t_{S-1}; targets [B, S] t_1..t_S; mask [B, S] bool (input and target are
-  real tokens); mtp_tokens [B, S + D] t_0..t_{S+D-1} (depth d embeds t_{i+d}); mtp_targets and
-  mtp_masks: D arrays [B, S], depth d's target t_{i+d+1} and where it is a real token.
-  """
-
-  inputs: jax.Array
-  targets: jax.Array
-  mask: jax.Array
-  mtp_tokens: jax.Array
-  mtp_targets: tuple
-  mtp_masks: tuple
-
-
-def make_batch(window: jax.Array, seq_len: int, mtp_depth: int,
-               token_mask: Optional[jax.Array] = None) -> Batch:
-  """Splits token windows into inputs, targets and MTP targets with their loss masks.
-
-  The data pipeline reads windows of S + 1 + D tokens, so every depth supervises every
-  position. Shorter windows, or `token_mask` False (padding), leave positions whose target falls
-  off the end of the real tokens unsupervised (mask False) at every depth.
-
-  Args:
-    window: [B, L] int32 tokens, L >= seq_len + 1 (missing tail tokens count as padding).
-    seq_len: S.
-    mtp_depth: D >= 0.
-    token_mask: optional [B, L] bool, True for real tokens (default: all of the window).
-  """
-  b, length = window.shape
-  if length < seq_len + 1:
-    raise ValueError(f"windows of {length} tokens cannot give {seq_len} inputs and targets")
-  if token_mask is None:
-    token_mask = jnp.ones((b, length), jnp.bool_)
-  full = seq_len + 1 + mtp_depth
-  if length < full:
-    window = jnp.pad(window, ((0, 0), (0, full - length)))
-    token_mask = jnp.pad(token_mask, ((0, 0), (0, full - length)), constant_values=False)
-  s = seq_len
-  real_in = token_mask[:, :s]
-  tgt = lambda k: window[:, k:k + s]
-  tgt_mask = lambda k: real_in & token_mask[:, k:k + s]
-  return Batch(
-      inputs=window[:, :s], targets=tgt(1), mask=tgt_mask(1),
-      mtp_tokens=window[:, :s + mtp_depth],
-      mtp_targets=tuple(tgt(d + 1) for d in range(1, mtp_depth + 1)),
-      mtp_masks=tuple(tgt_mask(d + 1) for d in range(1, mtp_depth + 1)))
-
-
-class LossOutput(NamedTuple):
-  total: jax.Array
-  ce: jax.Array
-  mtp: jax.Array
-  balance: jax.Array
-
-
-def compute_losses(out: ModelOutput, batch: Batch, *, mtp_weight: float,
-                   balance_alpha: float) -> LossOutput:
-  """L = CE + lambda/D * sum_d CE_d + alpha * sum_layers sum_i f_i P_i (report eqs. 17-25)."""
-  ce = cross_entropy(out.logits, batch.targets, batch.mask)
-  if out.mtp_logits:
-    mtp = sum(cross_entropy(lg, tg, m)
-              for lg, tg, m in zip(out.mtp_logits, batch.mtp_targets, batch.mtp_masks))
-    mtp = mtp / len(out.mtp_logits)
-  else:
-    mtp = jnp.float32(0.0)
-  balance = sum((st.balance_loss for st in out.moe_stats), jnp.float32(0.0))
-  total = ce + mtp_weight * mtp + balance_alpha * balance
-  return LossOutput(total, ce, mtp, balance)
-
-
-def bias_update(bias: jax.Array, counts: jax.Array, gamma: float) -> jax.Array:
-  """Aux-loss-free balancing (report §2.1.2): b_i -= gamma if expert i is overloaded
-  (load above the mean), += gamma if underloaded; unchanged at exactly the mean.
-
-  Args:
-    bias: [E] float32; counts: [E] float32 this step's assignments per expert (no padding).
-  """
-  return bias + gamma * jnp.sign(jnp.mean(counts) - counts)
-
-
-# ----------------------------------------------------------------------------- state
-
-
-@dataclasses.dataclass
-class TrainState:
-  """Everything a step reads and writes; `params`, `other` and `opt_state` are pytrees."""
-
-  step: int
-  params: Any  # nnx.State of nnx.Param
-  other: Any  # nnx.State of everything else (the RouterBias variables)
-  opt_state: Any
-  capacity: tuple[int, ...]
-
-
-def make_optimizer(train_cfg) -> optax.GradientTransformation:
-  """AdamW with linear warmup and cosine decay to min_learning_rate_ratio * peak, global-norm
-  clipping, and weight decay on matrices only (not on norms' scales or 1-D vectors)."""
-  t = train_cfg
-  schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=t.learning_rate, warmup_steps=t.warmup_steps,
-      decay_steps=max(t.steps, t.warmup_steps + 1),
-      end_value=t.learning_rate * t.min_learning_rate_ratio)
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-  return optax.chain(
-      optax.clip_by_global_norm(t.grad_clip_norm),
-      optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay_mask))
-
-
-class StepFns(NamedTuple):
-  train_step: Callable  # (params, other, opt_state, window, capacity) -> (params, other, opt, metrics)
-  eval_step: Callable  # (params, other, window, capacity) -> (nats, predicted tokens, needed cap.)
-
-
-def _dispatch_totals(stats) -> dict[str, jax.Array]:
-  """Step totals over MoE layers (already summed over devices by the dispatch)."""
-  dsum = lambda f: sum((getattr(st.dispatch, f) for st in stats), jnp.float32(0.0))
-  counts = jnp.stack([st.dispatch.expert_counts for st in stats]) if stats else jnp.ones((1, 1))
-  load = jnp.max(counts, axis=1) / jnp.maximum(jnp.mean(counts, axis=1), 1e-9)
-  return dict(
-      expert_counts=counts,
-      expert_load_max_over_mean=jnp.max(load),
-      dropped_tokens=dsum("dropped"),
-      rows_inter_node=dsum("rows_inter_node"), rows_intra_node=dsum("rows_intra_node"),
-      buffer_rows_inter_node=dsum("buffer_rows_inter_node"),
-      buffer_rows_intra_node=dsum("buffer_rows_intra_node"),
-      needed_capacity=_needed(stats))
-
-
-def make_step_fns(graphdef, optimizer, model_cfg: ModelConfig, train_cfg, seq_len: int,
-                  mesh=None, param_shardings=None, other_shardings=None,
-                  opt_shardings=None) -> StepFns:
-  """Builds the jitted train and eval steps for a split nnx model.
-
-  On a mesh the forward and backward passes run per device inside one `jax.shard_map` over
-  (`node`, `gpu`): each device holds B / n_dev sequences and its E / n_dev experts, the MoE
-  dispatch uses explicit all_to_alls, and the gradients of replicated parameters are summed over
-  devices by shard_map's transpose. (Leaving the dense parts to GSPMD instead made it insert
-  all-gathers of activations on the emulated mesh.) The optimizer update runs on the global
-  arrays.
-  """
-  depth = model_cfg.mtp_depth
-  gamma = float(train_cfg.bias_update_speed)
-  mtp_w, alpha = float(train_cfg.mtp_loss_weight), float(train_cfg.balance_loss_alpha)
-  axes = tuple(mesh.axis_names) if mesh is not None else ()
-  n_dev = 1 if mesh is None else mesh.size
-  mean = (lambda x: jax.lax.pmean(x, axes)) if mesh is not None else (lambda x: x)
-
-  def per_device_grads(params, other, window, capacity):
-    def loss_fn(params):
-      model = nnx.merge(graphdef, params, other)
-      batch = make_batch(window, seq_len, depth)
-      out = model.forward(batch.inputs, mtp_tokens=batch.mtp_tokens if depth else None,
-                          mask=batch.mask, capacity=capacity, with_mtp=depth > 0)
-      losses = compute_losses(out, batch, mtp_weight=mtp_w, balance_alpha=alpha)
-      # Every device holds the same number of sequences, so the global mean loss is the mean
-      # of the per-device losses; shard_map sums replicated parameters' gradients over devices.
-      return losses.total / n_dev, (losses, out.moe_stats)
-
-    (_, (losses, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    metrics = dict(loss=mean(losses.ce), mtp_loss=mean(losses.mtp),
-                   balance_loss=mean(losses.balance), total_loss=mean(losses.total),
-                   **_dispatch_totals(stats))
-    return grads, metrics
-
-  def per_device_eval(params, other, window, capacity):
-    model = nnx.merge(graphdef, params, other)
-    batch = make_batch(window, seq_len, depth)
-    out = model.forward(batch.inputs, mask=batch.mask, capacity=capacity, with_mtp=False)
-    logz = jax.nn.logsumexp(out.logits, axis=-1)
-    gold = jnp.take_along_axis(out.logits, batch.targets[..., None], axis=-1)[..., 0]
-    m = batch.mask.astype(jnp.float32)
-    nats, count = jnp.sum((logz - gold) * m), jnp.sum(m)
-    if mesh is not None:
-      nats, count = jax.lax.psum(nats, axes), jax.lax.psum(count, axes)
-    return nats, count, _needed(out.moe_stats)
-
-  if mesh is not None:
-    spec = lambda shardings: jax.tree.map(lambda sh: sh.spec, shardings)
-    p_spec, o_spec, tok = spec(param_shardings), spec(other_shardings), P(axes)
-    grads_fn = lambda p, o, w, c: jax.shard_map(
-        lambda p, o, w: per_device_grads(p, o, w, c), mesh=mesh, in_specs=(p_spec, o_spec, tok),
-        out_specs=(p_spec, P()))(p, o, w)
-    eval_fn = lambda p, o, w, c: jax.shard_map(
-        lambda p, o, w: per_device_eval(p, o, w, c), mesh=mesh, in_specs=(p_spec, o_spec, tok),
-        out_specs=(P(), P(), P()))(p, o, w)
-  else:
-    grads_fn, eval_fn = per_device_grads, per_device_eval
-
-  def train_step(params, other, opt_state, window, capacity):
-    grads, metrics = grads_fn(params, other, window, capacity)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    model = nnx.merge(graphdef, params, other)
-    for moe, counts in zip(model.moe_layers, metrics["expert_counts"]):
-      b = moe.gate.e_score_correction_bias
-      b[...] = bias_update(b[...], counts, gamma)
-    other = nnx.state(model, nnx.Not(nnx.Param))
-    metrics["grad_norm"] = optax.tree.norm(grads)
-    return params, other, opt_state, metrics
-
-  if mesh is not None:
-    batch_sharding = NamedSharding(mesh, P(axes))
-    state_sh = (param_shardings, other_shardings, opt_shardings)
-    train_jit = jax.jit(train_step, static_argnums=(4,),
-                        in_shardings=state_sh + (batch_sharding,),
-                        out_shardings=state_sh + (None,))
-    eval_jit = jax.jit(eval_fn, static_argnums=(3,),
-                       in_shardings=(param_shardings, other_shardings, batch_sharding))
-  else:
-    train_jit = jax.jit(train_step, static_argnums=(4,))
-    eval_jit = jax.jit(eval_fn, static_argnums=(3,))
-  return StepFns(train_jit, eval_jit)
-
-
-def _needed(stats) -> jax.Array:
-  """[hops] int32: the largest capacity any MoE layer needed this step."""
-  if not stats:
-    return jnp.zeros((1,), jnp.int32)
-  return jnp.max(jnp.stack([st.dispatch.needed_capacity for st in stats]), axis=0)
+from dsv3_jax.model.transformer import Transformer
+from dsv3_jax.parallel.dispatch import EPTopology
+from dsv3_jax.train.losses import (Batch, LossOutput, bias_update, compute_losses,  # noqa: F401
+                                   cross_entropy, make_batch)
+from dsv3_jax.train.step import (GRAD_SUMS, StepFns, make_optimizer,  # noqa: F401
+                                 make_step_fns, make_train_step)
 
 
 def grow_capacity(capacity: tuple[int, ...], needed: np.ndarray, worst: tuple[int, ...],
@@ -306,18 +75,10 @@ def validate(cfg) -> ModelConfig:
   if not isinstance(ep_nodes, int) or ep_nodes < 1 or nodes % ep_nodes:
     raise ValueError(f"mesh.ep_nodes={ep_nodes!r} must be a positive divisor of "
                      f"mesh.nodes={nodes}")
-  ep = ep_nodes * gpus
-  if model_cfg.n_routed_experts % ep:
-    raise ValueError(
-        f"model.n_routed_experts={model_cfg.n_routed_experts} is not divisible by the "
-        f"expert-parallel size mesh.ep_nodes x mesh.gpus_per_node = {ep}; allowed: a multiple "
-        f"of {ep}")
-  if ep_nodes > 1 and model_cfg.n_group != ep_nodes:
-    raise ValueError(
-        f"model.n_group={model_cfg.n_group} must equal the {ep_nodes} nodes of the "
-        "expert-parallel group (mesh.ep_nodes, default mesh.nodes): expert groups are nodes, so "
-        "that model.topk_group bounds the nodes a token reaches (node-limited routing, report "
-        "§2.1.2)")
+  # The expert layout rules (experts divide over the EP group; n_group = EP nodes), checked by
+  # the same code that checks a DeepSeekMoE built on a mesh directly.
+  EPTopology(n_nodes=ep_nodes, gpus_per_node=gpus).validate(model_cfg.n_routed_experts,
+                                                            model_cfg.n_group)
   t = cfg.train
   for name in ("batch_size", "steps", "log_every", "eval_every", "checkpoint_every"):
     v = t[name]
@@ -373,42 +134,49 @@ def _eval_loss(fns: StepFns, params, other, windows: np.ndarray, batch_size: int
   return total / max(count, 1.0)
 
 
-def train(cfg, *, progress: bool = True, log: Callable[[str], None] = print) -> dict:
-  """Runs (or resumes) the training job described by `cfg` (see configs/tiny.py).
+@dataclasses.dataclass
+class _Job:
+  """What `train` builds from a config before it touches the workdir."""
 
-  Writes `<workdir>/config.json`, `metrics.jsonl`, `summary.json` and orbax checkpoints every
-  `train.checkpoint_every` steps; if the workdir holds a checkpoint, training resumes from it.
+  cfg: Any  # the ConfigDict
+  model_cfg: ModelConfig
+  entropies: tuple[float, float]  # held-out byte unigram / bigram conditional entropy, nats
+  windows: np.ndarray  # [N, S + 1 + D] int32 held-out windows
+  dataset: Any  # dataset[step] -> [B, S + 1 + D] int32 training windows
+  n_dev: int
+  fns: StepFns
+  put: Callable  # host [B, L] batch -> device array (sharded over the mesh)
+  moe0: Any  # the first DeepSeekMoE layer (capacities, payload codecs), or None
+  tokens_per_step: int
+  worst: tuple[int, ...]  # per-hop capacity that can never overflow
+  initial_capacity: tuple[int, ...]
+  state: dict  # {"params", "other", "opt_state"}: the checkpointed pytrees
 
-  Returns:
-    The summary dict (held-out loss in nats/byte, step time, tokens/s, compile time, ...).
 
-  Raises:
-    ValueError / FileNotFoundError: a bad config, before any file is written.
-  """
-  import json
-  import os
-
-  from tqdm.auto import tqdm
-
-  from dsv3_jax.parallel.mesh import make_mesh, shard_model, state_shardings
+def _load_data(cfg, model_cfg: ModelConfig, log):
+  """The corpus split, held-out windows and the training dataset (data.py)."""
   from dsv3_jax.train import data as data_lib
-  from dsv3_jax.train.checkpoint import Checkpointer
-  from dsv3_jax.train.metrics import MetricsWriter, format_line, to_python
 
-  model_cfg = validate(cfg)
-  t, dcfg = cfg.train, cfg.data
+  dcfg, t = cfg.data, cfg.train
   corpus = data_lib.load_corpus(dcfg.paths, dcfg.heldout_fraction)
   h1, h2 = data_lib.byte_entropies(corpus.heldout)
   log(f"data: {corpus.n_train_files} train files ({len(corpus.train) / 1e6:.2f} MB), "
       f"{corpus.n_heldout_files} held-out ({len(corpus.heldout) / 1e6:.2f} MB); held-out byte "
       f"entropy: unigram {h1:.3f}, bigram conditional {h2:.3f} nats")
-  depth = model_cfg.mtp_depth
-  seq = dcfg.seq_len
+  depth, seq = model_cfg.mtp_depth, dcfg.seq_len
   windows = data_lib.eval_windows(corpus.heldout, seq_len=seq, extra=depth,
                                   n=dcfg.eval_sequences)
   dataset = data_lib.train_dataset(corpus.train, seq_len=seq, extra=depth,
                                    batch_size=t.batch_size, seed=dcfg.seed)
+  return (h1, h2), windows, dataset
 
+
+def _build(cfg, model_cfg: ModelConfig, log) -> _Job:
+  """Data, the model placed on its mesh, the optimizer state and the jitted steps."""
+  from dsv3_jax.parallel.mesh import make_mesh, shard_model
+
+  t, seq = cfg.train, cfg.data.seq_len
+  entropies, windows, dataset = _load_data(cfg, model_cfg, log)
   n_dev = cfg.mesh.nodes * cfg.mesh.gpus_per_node
   mesh = (make_mesh(cfg.mesh.nodes, cfg.mesh.gpus_per_node, cfg.mesh.get("ep_nodes"))
           if n_dev > 1 else None)
@@ -434,79 +202,119 @@ def train(cfg, *, progress: bool = True, log: Callable[[str], None] = print) -> 
   fns = make_step_fns(graphdef, optimizer, model_cfg, t, seq, mesh, p_sh, o_sh, opt_sh)
   moe0 = model.moe_layers[0] if model.moe_layers else None
   tokens_per_step = t.batch_size * seq
-  worst = moe0.worst_case_capacity(tokens_per_step) if moe0 else (1,)
-  capacity = moe0.initial_capacity(tokens_per_step) if moe0 else (1,)
+  return _Job(
+      cfg=cfg, model_cfg=model_cfg, entropies=entropies, windows=windows, dataset=dataset,
+      n_dev=n_dev, fns=fns, put=put, moe0=moe0, tokens_per_step=tokens_per_step,
+      worst=moe0.worst_case_capacity(tokens_per_step) if moe0 else (1,),
+      initial_capacity=moe0.initial_capacity(tokens_per_step) if moe0 else (1,),
+      state={"params": params, "other": other, "opt_state": opt_state})
 
-  os.makedirs(t.workdir, exist_ok=True)
-  ckpt = Checkpointer(t.workdir, save_every=t.checkpoint_every)
-  start = 0
+
+def _restore(job: _Job, ckpt, log) -> tuple[dict, tuple[int, ...], int]:
+  """(state, capacity, first step to run): the newest checkpoint's, or the initial ones.
+
+  Raises:
+    ValueError: the checkpoint does not fit this config (before anything is written).
+  """
   latest = ckpt.latest_step()
-  if latest is not None:  # restore first: a mismatching config fails before anything is written
-    state, meta = ckpt.restore(latest, {"params": params, "other": other, "opt_state": opt_state})
-    params, other, opt_state = state["params"], state["other"], state["opt_state"]
-    capacity = tuple(meta["capacity"])
-    start = int(meta["step"])
-    log(f"resumed from {ckpt.directory} at step {start} (MoE capacity {capacity})")
-  with open(os.path.join(t.workdir, "config.json"), "w") as f:
-    f.write(cfg.to_json(indent=2))
-  writer = MetricsWriter(t.workdir)
+  if latest is None:
+    return job.state, job.initial_capacity, 0
+  state, meta = ckpt.restore(latest, job.state)
+  capacity, start = tuple(meta["capacity"]), int(meta["step"])
+  log(f"resumed from {ckpt.directory} at step {start} (MoE capacity {capacity})")
+  return state, capacity, start
 
+
+@dataclasses.dataclass
+class _Run:
+  """What the step loop leaves behind."""
+
+  state: dict
+  capacity: tuple[int, ...]
+  first_step_s: Optional[float] = None  # the first step run now (includes compilation)
+  recompiles: int = 0  # compilations after the first step (capacity growth)
+  step_times: list = dataclasses.field(default_factory=list)  # seconds, later steps
+  last: dict = dataclasses.field(default_factory=dict)  # the last logged metrics
+  heldout: Optional[float] = None  # the last held-out loss, nats/byte
+
+
+def _train_step(job: _Job, run: _Run, window) -> dict:
+  """One applied step (dropless: recomputed with a larger capacity while it would drop);
+  updates `run` and returns the step's metrics on the host."""
+  fns, s = job.fns, run.state
+  while True:
+    cached = fns.train_step._cache_size()
+    new_params, new_other, new_opt, metrics = fns.train_step(
+        s["params"], s["other"], s["opt_state"], window, run.capacity)
+    metrics = jax.device_get(metrics)
+    compiled = fns.train_step._cache_size() != cached
+    run.recompiles += int(compiled and run.first_step_s is not None)
+    needed = np.asarray(metrics["needed_capacity"])
+    if job.cfg.train.dropless and np.any(needed > np.asarray(run.capacity)):
+      run.capacity = grow_capacity(run.capacity, needed, job.worst)  # discard, recompute
+      continue
+    run.state = {"params": new_params, "other": new_other, "opt_state": new_opt}
+    return metrics
+
+
+def _loop(job: _Job, run: _Run, start: int, ckpt, writer, *, progress: bool, log) -> _Run:
+  """Steps start..train.steps, logging, evaluating and checkpointing on their schedules."""
+  from tqdm.auto import tqdm
+
+  from dsv3_jax.train.metrics import format_line, to_python
+
+  cfg, t = job.cfg, job.cfg.train
   pbar = tqdm(total=t.steps, initial=start, disable=not progress, desc=cfg.get("name", "train"),
               dynamic_ncols=True)
   write = pbar.write if progress else log
-  first_step_s, recompiles, step_times, last = None, 0, [], {}
-  heldout = None
+  evaluate = lambda: _eval_loss(job.fns, run.state["params"], run.state["other"], job.windows,
+                                t.batch_size, run.capacity, job.worst, job.put)
   for step in range(start, t.steps):
-    window = put(dataset[step])
+    window = job.put(job.dataset[step])
     t0 = time.perf_counter()
-    while True:
-      cached = fns.train_step._cache_size()
-      new_params, new_other, new_opt, metrics = fns.train_step(params, other, opt_state, window,
-                                                               capacity)
-      metrics = jax.device_get(metrics)
-      compiled = fns.train_step._cache_size() != cached
-      recompiles += int(compiled and first_step_s is not None)
-      needed = np.asarray(metrics["needed_capacity"])
-      if t.dropless and np.any(needed > np.asarray(capacity)):
-        capacity = grow_capacity(capacity, needed, worst)  # discard the step, recompute bigger
-        continue
-      break
+    metrics = _train_step(job, run, window)
     dt = time.perf_counter() - t0
-    params, other, opt_state = new_params, new_other, new_opt
-    if first_step_s is None:
-      first_step_s = dt  # includes compilation
+    if run.first_step_s is None:
+      run.first_step_s = dt  # includes compilation
     else:
-      step_times.append(dt)
+      run.step_times.append(dt)
     pbar.update(1)
     done = step + 1
     if done % t.log_every == 0 or done == t.steps:
-      recent = step_times[-t.log_every:] or [dt]
+      recent = run.step_times[-t.log_every:] or [dt]
       st = float(np.median(recent))
-      last = dict(to_python(metrics), step=done, step_time_s=st,
-                  tokens_per_s=tokens_per_step / st, capacity=list(capacity),
-                  recompiles=recompiles, **_link_bytes(metrics, moe0, model_cfg))
-      writer.write(last)
-      write(format_line(last))
+      run.last = dict(to_python(metrics), step=done, step_time_s=st,
+                      tokens_per_s=job.tokens_per_step / st, capacity=list(run.capacity),
+                      recompiles=run.recompiles,
+                      **_link_bytes(metrics, job.moe0, job.model_cfg))
+      writer.write(run.last)
+      write(format_line(run.last))
     if done % t.eval_every == 0 or done == t.steps:
-      heldout = _eval_loss(fns, params, other, windows, t.batch_size, capacity, worst, put)
-      writer.write({"step": done, "heldout_loss": heldout})
-      write(f"step {done} | held-out loss {heldout:.4f} nats/byte")
+      run.heldout = evaluate()
+      writer.write({"step": done, "heldout_loss": run.heldout})
+      write(f"step {done} | held-out loss {run.heldout:.4f} nats/byte")
     if done % t.checkpoint_every == 0 or done == t.steps:
-      ckpt.save(done, {"params": params, "other": other, "opt_state": opt_state},
-                {"step": done, "capacity": list(capacity)}, force=True)
+      ckpt.save(done, run.state, {"step": done, "capacity": list(run.capacity)}, force=True)
   pbar.close()
-  ckpt.close()
-  if heldout is None:  # resumed a finished run: evaluate what was restored
-    heldout = _eval_loss(fns, params, other, windows, t.batch_size, capacity, worst, put)
-  times = step_times or [float("nan")]
+  if run.heldout is None:  # resumed a finished run: evaluate what was restored
+    run.heldout = evaluate()
+  return run
+
+
+def _summarize(job: _Job, run: _Run, start: int, log) -> dict:
+  """Writes `<workdir>/summary.json` and returns it."""
+  cfg, t = job.cfg, job.cfg.train
+  h1, h2 = job.entropies
+  times = run.step_times or [float("nan")]
   summary = dict(
       name=cfg.get("name", ""), steps=t.steps, resumed_from=start,
-      heldout_loss=heldout, heldout_unigram_entropy=h1, heldout_bigram_entropy=h2,
-      step_time_s=float(np.median(times)), tokens_per_s=tokens_per_step / float(np.median(times)),
-      first_step_s=first_step_s, recompiles=recompiles, capacity=list(capacity),
-      devices=n_dev, tokens_per_step=tokens_per_step, final=last)
+      heldout_loss=run.heldout, heldout_unigram_entropy=h1, heldout_bigram_entropy=h2,
+      step_time_s=float(np.median(times)),
+      tokens_per_s=job.tokens_per_step / float(np.median(times)),
+      first_step_s=run.first_step_s, recompiles=run.recompiles, capacity=list(run.capacity),
+      devices=job.n_dev, tokens_per_step=job.tokens_per_step, final=run.last)
   summary_path = os.path.join(t.workdir, "summary.json")
-  if first_step_s is None and os.path.exists(summary_path):
+  if run.first_step_s is None and os.path.exists(summary_path):
     # Resumed a finished run: no step ran now, so keep the timings of the run that trained it.
     with open(summary_path) as f:
       before = json.load(f)
@@ -515,9 +323,39 @@ def train(cfg, *, progress: bool = True, log: Callable[[str], None] = print) -> 
         summary[key] = before[key]
   with open(summary_path, "w") as f:
     json.dump(summary, f, indent=2)
-  log(f"held-out loss {heldout:.4f} nats/byte (bigram entropy {h2:.3f}) | step "
+  log(f"held-out loss {run.heldout:.4f} nats/byte (bigram entropy {h2:.3f}) | step "
       f"{summary['step_time_s']:.3f} s | {summary['tokens_per_s']:.0f} tokens/s")
   return summary
+
+
+def train(cfg, *, progress: bool = True, log: Callable[[str], None] = print) -> dict:
+  """Runs (or resumes) the training job described by `cfg` (see configs/tiny.py).
+
+  Writes `<workdir>/config.json`, `metrics.jsonl`, `summary.json` and orbax checkpoints every
+  `train.checkpoint_every` steps; if the workdir holds a checkpoint, training resumes from it.
+
+  Returns:
+    The summary dict (held-out loss in nats/byte, step time, tokens/s, compile time, ...).
+
+  Raises:
+    ValueError / FileNotFoundError: a bad config, before any file is written.
+  """
+  from dsv3_jax.train.checkpoint import Checkpointer
+  from dsv3_jax.train.metrics import MetricsWriter
+
+  model_cfg = validate(cfg)
+  job = _build(cfg, model_cfg, log)
+  t = cfg.train
+  os.makedirs(t.workdir, exist_ok=True)
+  ckpt = Checkpointer(t.workdir, save_every=t.checkpoint_every)
+  # Restore first: a mismatching config fails before anything is written.
+  state, capacity, start = _restore(job, ckpt, log)
+  with open(os.path.join(t.workdir, "config.json"), "w") as f:
+    f.write(cfg.to_json(indent=2))
+  run = _loop(job, _Run(state, capacity), start, ckpt, MetricsWriter(t.workdir),
+              progress=progress, log=log)
+  ckpt.close()
+  return _summarize(job, run, start, log)
 
 
 def load_trained(workdir: str, *, step: Optional[int] = None, mesh=None):
@@ -532,9 +370,6 @@ def load_trained(workdir: str, *, step: Optional[int] = None, mesh=None):
   Raises:
     FileNotFoundError: no config.json or no checkpoint in `workdir`.
   """
-  import json
-  import os
-
   from ml_collections import config_dict
 
   from dsv3_jax.train.checkpoint import Checkpointer
