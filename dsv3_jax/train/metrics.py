@@ -1,5 +1,7 @@
-"""Training metrics: one JSON object per logged step in `<workdir>/metrics.jsonl`, and a compact
-line on stdout (through tqdm so that the progress bar stays intact)."""
+"""Training metrics: one JSON object per logged step in `<workdir>/metrics.jsonl`, the same
+scalars as TensorBoard summaries next to it (`<workdir>/events.out.tfevents.*`, written with
+tensorboardX, which needs no TensorFlow: `tensorboard --logdir runs/`), and a compact line on
+stdout (through tqdm so that the progress bar stays intact)."""
 
 from __future__ import annotations
 
@@ -42,11 +44,71 @@ def format_line(m: Mapping[str, Any]) -> str:
 
 
 class MetricsWriter:
-  """Appends metric dicts to a JSONL file."""
+  """Appends metric dicts to a JSONL file and their scalars to a TensorBoard event file.
 
-  def __init__(self, workdir: str, filename: str = "metrics.jsonl"):
+  Every dict goes to `<workdir>/<filename>` as one JSON line. With `tensorboard`, its int / float
+  values (not the lists: expert counts, capacities) are also written as TensorBoard scalars,
+  tag = key, at global step `metrics["step"]`, to an event file in `workdir` (a resumed run adds
+  a new file; TensorBoard reads them together). TensorBoard stores float32: a scalar read back
+  equals the JSONL value rounded to float32.
+  """
+
+  def __init__(self, workdir: str, filename: str = "metrics.jsonl", *, tensorboard: bool = True):
     self.path = os.path.join(workdir, filename)
+    self._tb = None
+    if tensorboard:
+      from tensorboardX import SummaryWriter
+
+      self._tb = SummaryWriter(logdir=workdir)
 
   def write(self, metrics: Mapping[str, Any]) -> None:
+    """Appends `metrics` (a dict with an int "step" for TensorBoard; arrays become lists)."""
+    m = to_python(metrics)
     with open(self.path, "a") as f:
-      f.write(json.dumps(to_python(metrics)) + "\n")
+      f.write(json.dumps(m) + "\n")
+    if self._tb is not None and isinstance(m.get("step"), int):
+      for k, v in m.items():
+        if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+          self._tb.add_scalar(k, v, global_step=m["step"])
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
+
+def read_scalars(workdir: str) -> dict[str, list[tuple[int, float]]]:
+  """The TensorBoard scalars of a run: tag -> [(step, value)] in file and write order.
+
+  Reads every `events.out.tfevents.*` file in `workdir` (TFRecord framing: uint64 length,
+  masked CRC-32C of it, the serialized `Event`, masked CRC-32C of the data), with tensorboardX's
+  protos, so neither TensorFlow nor tensorboard is needed.
+
+  Raises:
+    ValueError: a record whose CRC does not match (a truncated or corrupt file).
+  """
+  import glob
+  import struct
+
+  from tensorboardX.proto import event_pb2
+  from tensorboardX.record_writer import masked_crc32c
+
+  out: dict[str, list[tuple[int, float]]] = {}
+  for path in sorted(glob.glob(os.path.join(workdir, "events.out.tfevents.*"))):
+    with open(path, "rb") as f:
+      data = f.read()
+    pos = 0
+    while pos + 12 <= len(data):
+      header = data[pos:pos + 8]
+      (length,), (crc,) = struct.unpack("<Q", header), struct.unpack("<I", data[pos + 8:pos + 12])
+      body = data[pos + 12:pos + 12 + length]
+      (body_crc,) = struct.unpack("<I", data[pos + 12 + length:pos + 16 + length])
+      if crc != masked_crc32c(header) or body_crc != masked_crc32c(body):
+        raise ValueError(f"{path}: corrupt record at byte {pos}")
+      pos += 16 + length
+      event = event_pb2.Event.FromString(body)
+      for v in event.summary.value:
+        if v.HasField("simple_value"):
+          out.setdefault(v.tag, []).append((int(event.step), float(v.simple_value)))
+  return out

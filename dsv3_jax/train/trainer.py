@@ -3,8 +3,9 @@
 `train(cfg)` runs a training job from an ml_collections config (configs/tiny.py): it checks the
 config (`validate`), builds the data, the model on its mesh and the jitted steps (`step.py`),
 restores the newest checkpoint, runs the steps with dropless capacity control, evaluates, and
-writes `<workdir>/{config.json, metrics.jsonl, summary.json, checkpoints/}`. The objective
-lives in `losses.py`, the step in `step.py`; their public names are re-exported here.
+writes `<workdir>/{config.json, metrics.jsonl, events.out.tfevents.* (TensorBoard),
+summary.json, checkpoints/}`. The objective lives in `losses.py`, the step in `step.py`; their
+public names are re-exported here.
 
 Dropless mode (`train.dropless`): MoE buffers have a static capacity (XLA needs static shapes);
 each step reports the capacity it needed, and a step that would have dropped a token is
@@ -331,7 +332,8 @@ def _summarize(job: _Job, run: _Run, start: int, log) -> dict:
 def train(cfg, *, progress: bool = True, log: Callable[[str], None] = print) -> dict:
   """Runs (or resumes) the training job described by `cfg` (see configs/tiny.py).
 
-  Writes `<workdir>/config.json`, `metrics.jsonl`, `summary.json` and orbax checkpoints every
+  Writes `<workdir>/config.json`, `metrics.jsonl` (and the same scalars as TensorBoard event
+  files beside it, `metrics.MetricsWriter`), `summary.json` and orbax checkpoints every
   `train.checkpoint_every` steps; if the workdir holds a checkpoint, training resumes from it.
 
   Returns:
@@ -352,8 +354,9 @@ def train(cfg, *, progress: bool = True, log: Callable[[str], None] = print) -> 
   state, capacity, start = _restore(job, ckpt, log)
   with open(os.path.join(t.workdir, "config.json"), "w") as f:
     f.write(cfg.to_json(indent=2))
-  run = _loop(job, _Run(state, capacity), start, ckpt, MetricsWriter(t.workdir),
-              progress=progress, log=log)
+  writer = MetricsWriter(t.workdir)
+  run = _loop(job, _Run(state, capacity), start, ckpt, writer, progress=progress, log=log)
+  writer.close()
   ckpt.close()
   return _summarize(job, run, start, log)
 

@@ -89,6 +89,14 @@ def test_short_run_learns_resumes_and_writes_metrics(tmp_path):
   assert s2["resumed_from"] == 30
   lines = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
   assert lines[-1]["step"] == 35
+  # TensorBoard event files beside metrics.jsonl (one per run, the resumed one included) hold
+  # the same losses, as float32.
+  from dsv3_jax.train.metrics import read_scalars
+
+  tb = read_scalars(str(tmp_path / "run"))
+  for key in ("loss", "heldout_loss", "grad_norm"):
+    want = [(l["step"], float(np.float32(l[key]))) for l in lines if key in l]
+    assert tb[key] == want and len(want) >= 2
   # Rerunning a finished run trains nothing, re-evaluates the same held-out loss and keeps the
   # timings of the steps that trained it.
   s3 = trainer.train(cfg, progress=False, log=lambda *_: None)
