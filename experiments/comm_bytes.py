@@ -1,4 +1,4 @@
-"""Bytes per token for the MoE dispatch and combine under BF16, FP8 and LogFMT-8 (issue 4).
+"""Bytes per token for the MoE dispatch and combine under BF16, FP8 and LogFMT-8.
 
 DeepSeek-V3 sends its dispatch traffic in FP8 (E4M3 plus one scale per 1 x 128 tile) and its
 combine in BF16 (report §3.3.3); "Insights into DeepSeek-V3" (arXiv 2505.09343 §3.2) proposes

@@ -1,4 +1,4 @@
-"""DeepSeekMoE forward + backward on up to 256 x 8 = 2048 emulated devices (issue 3).
+"""DeepSeekMoE forward + backward on up to 256 x 8 = 2048 emulated devices.
 
 Writes results/scale_2048.{md,csv,png}.
 
@@ -11,19 +11,21 @@ Writes results/scale_2048.{md,csv,png}.
     .venv/bin/python experiments/scale_2048.py --table    # the device-count table (8 .. 2048,
                                                           # both schedules)
 
-Each measured configuration is one "MoE-layer training step" of the real `DeepSeekMoE` layer
-(router with node-limited routing, shared expert, routed experts one per device, the configured
-dispatch schedule), inside one `jax.shard_map` over the mesh's ('node', 'gpu') axes: forward,
-loss = sum(y^2) / tokens, backward w.r.t. the tokens and every parameter, SGD update of the
-parameters and the auxiliary-loss-free bias update from the step's expert loads. The gradients
-of the replicated parameters (router, shared expert) are computed per device (the parameters
-are cast to device-varying before differentiating) and summed over 'gpu' and then 'node', so no
-collective spans more than one mesh axis: the largest group of the two_hop program is the
-256-member 'node' axis, which the script checks in the compiled HLO.
+Each measured configuration is one training step of the MoE half of a decoder block, RMSNorm
+then the real `DeepSeekMoE` layer (router with node-limited routing, shared expert, routed
+experts one per device, the configured dispatch schedule), run by the library's training step
+(`dsv3_jax.train.step.make_train_step`, grad_sum="per_axis") inside one `jax.shard_map` over
+the mesh's ('node', 'gpu') axes: forward, loss = sum(y^2) / tokens, backward w.r.t. every
+parameter (through the MoE's input to the norm), SGD update and the auxiliary-loss-free bias
+update from the step's expert loads. The gradients of the replicated parameters (norm, router,
+shared expert) are computed per device and summed over 'gpu' and then 'node', so no collective
+spans more than one mesh axis: the largest group of the two_hop program is the 256-member
+'node' axis, which the script checks in the compiled HLO.
 
 Up to 256 devices run in one process (XLA:CPU in-process collectives); above, the job runs on
 P processes of L devices joined by jax.distributed + gloo (`dsv3_jax.cluster.launch`), with
-the fewest processes whose gloo sockets fit the open-file limit (NOTES-2048). Configurations
+the fewest processes whose gloo sockets fit the open-file limit (README, "More than 256
+devices"; `launch.check_layout`). Configurations
 that would need more processes than `--max-processes` are compiled only (in one process, which
 compiles any device count) and marked as not executed, with the reason.
 
@@ -69,13 +71,28 @@ def _rss_mib() -> int:
   return 0
 
 
-def _axis_sum(x, axes):
-  """psum over each mesh axis in turn (minor axis first): groups of one axis's size only."""
-  import jax
+def _moe_sublayer(cfg, mesh, rngs):
+  """RMSNorm then DeepSeekMoE ([B, S, D] -> ([B, S, D], MoEStats)): the MoE half of a
+  decoder block without its residual; `moe_layers` is what the training step's bias update
+  reads."""
+  from flax import nnx
 
-  for axis in reversed(axes):
-    x = jax.lax.psum(x, axis)
-  return x
+  from dsv3_jax.model.moe import DeepSeekMoE
+  from dsv3_jax.model.norms import RMSNorm
+
+  class MoESublayer(nnx.Module):
+    def __init__(self):
+      self.moe = DeepSeekMoE(cfg, mesh=mesh, rngs=rngs)
+      self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+
+    @property
+    def moe_layers(self):
+      return [self.moe]
+
+    def __call__(self, x, capacity):
+      return self.moe(self.norm(x), None, capacity)
+
+  return MoESublayer()
 
 
 def moe_step(nodes: int, gpus: int, schedule: str, tokens: int, hidden: int, ffn: int,
@@ -103,15 +120,15 @@ def moe_step(nodes: int, gpus: int, schedule: str, tokens: int, hidden: int, ffn
   import jax
   import jax.numpy as jnp
   import numpy as np
+  import optax
   from flax import nnx
   from jax.sharding import NamedSharding, PartitionSpec as P
 
-  from dsv3_jax.model.config import ModelConfig
-  from dsv3_jax.model.moe import DeepSeekMoE
   from dsv3_jax.cluster import hlo, launch
+  from dsv3_jax.model.config import ModelConfig
   from dsv3_jax.parallel import dispatch
   from dsv3_jax.parallel.mesh import make_mesh
-  from dsv3_jax.train.trainer import bias_update
+  from dsv3_jax.train.step import make_train_step
 
   t_start = time.perf_counter()
   rss = {"imported": _rss_mib()}
@@ -125,49 +142,37 @@ def moe_step(nodes: int, gpus: int, schedule: str, tokens: int, hidden: int, ffn
   # The layer's structure without running its initialisers (which would compile a few dozen
   # small XLA programs, ~125 MB of resident memory in each of the 32 processes); the values are
   # drawn below with numpy, identically on every process.
-  layer = nnx.eval_shape(lambda: DeepSeekMoE(cfg, mesh=mesh, rngs=nnx.Rngs(seed)))
-  capacity = tuple(int(c) for c in layer.initial_capacity(n * tokens))
+  layer = nnx.eval_shape(lambda: _moe_sublayer(cfg, mesh, nnx.Rngs(seed)))
+  capacity = tuple(int(c) for c in layer.moe.initial_capacity(n * tokens))
   graphdef, params, other = nnx.split(layer, nnx.Param, ...)
   rng = np.random.default_rng(seed)
-  params = jax.tree.map(lambda a: rng.normal(0.0, cfg.initializer_range, a.shape).astype(
-      a.dtype), params)  # every projection's init: N(0, initializer_range^2)
+  # Every projection's init: N(0, initializer_range^2) (the MoE's leaves come first, so they
+  # draw the stream in the order of a bare DeepSeekMoE); the norm's weight: ones.
+  params["moe"] = jax.tree.map(lambda a: rng.normal(0.0, cfg.initializer_range, a.shape).astype(
+      a.dtype), params["moe"])
+  params["norm"] = jax.tree.map(lambda a: np.ones(a.shape, a.dtype), params["norm"])
   other = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), other)  # router bias b_i = 0
-  is_p = lambda s: isinstance(s, P)
   p_specs = nnx.get_partition_spec(params)
   o_specs = jax.tree.map(lambda _: P(), other)
-  replicated = jax.tree.map(lambda s: s == P(), p_specs, is_leaf=is_p)
   x_spec = P(axes)
-  trivial = tuple(a for a in axes if mesh.shape[a] == 1)
 
-  def per_device(params, other, x):
-    # Replicated parameters become per-device copies, so their gradients stay per device (no
-    # implicit all-device psum from shard_map's transpose); they are summed axis by axis below.
-    pv = jax.tree.map(lambda p, r: jax.lax.pcast(p, axes, to="varying") if r else p, params,
-                      replicated)
+  def loss_fn(model, x, capacity):
+    # loss = sum(y^2) over every token / (n * tokens): this device's share is its own sum
+    # over the same denominator; the metric, averaged over devices, is the same loss.
+    y, st = model(x, capacity)
+    per_device = jnp.sum(jnp.square(y.astype(jnp.float32)))
+    return per_device / (n * tokens), ({"loss": per_device / tokens}, [st])
 
-    def loss_fn(pv, x):
-      model = nnx.merge(graphdef, pv, other)
-      y, st = model(x, None, capacity)
-      return jnp.sum(jnp.square(y.astype(jnp.float32))) / (n * tokens), st
-
-    (loss, st), (gp, gx) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(pv, x)
-    gp = jax.tree.map(lambda g, r: _axis_sum(g, axes) if r else g, gp, replicated)
-    new_params = jax.tree.map(lambda p, g: p - lr * g, params, gp)
-    # DispatchStats are summed over the axes of size > 1 only; a size-1 axis (one node) still
-    # types them as varying over it, which psum over that axis (a no-op) removes.
-    stats = jax.tree.map(lambda v: _axis_sum(v, trivial), st.dispatch)
-    model = nnx.merge(graphdef, new_params, other)
-    b = model.gate.e_score_correction_bias
-    b[...] = bias_update(b[...], stats.expert_counts, gamma)
-    new_other = nnx.state(model, nnx.Not(nnx.Param))
-    return new_params, new_other, _axis_sum(loss, axes), stats, gx
-
-  stat_specs = dispatch.DispatchStats(*([P()] * len(dispatch.DispatchStats._fields)))
-  step = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(p_specs, o_specs, x_spec),
-                               out_specs=(p_specs, o_specs, P(), stat_specs, x_spec)))
+  optimizer = optax.sgd(lr)
+  opt_state = optimizer.init(params)  # plain SGD: no arrays
+  sharding = lambda spec: NamedSharding(mesh, spec)
+  shardings = lambda tree, specs: jax.tree.map(lambda _, s: sharding(s), tree, specs)
+  step = make_train_step(
+      graphdef, optimizer, loss_fn, bias_update_speed=gamma, mesh=mesh,
+      param_shardings=shardings(params, p_specs), other_shardings=shardings(other, o_specs),
+      opt_shardings=jax.tree.map(lambda _: sharding(P()), opt_state), grad_sum="per_axis")
 
   x_host = rng.standard_normal((n, tokens, hidden)).astype(np.float32)
-  sharding = lambda spec: NamedSharding(mesh, spec)
   if execute:
     place = lambda a, spec: jax.make_array_from_callback(
         a.shape, sharding(spec), lambda idx, a=np.asarray(a): a[idx])
@@ -180,7 +185,7 @@ def moe_step(nodes: int, gpus: int, schedule: str, tokens: int, hidden: int, ffn
   rss["model"] = _rss_mib()
 
   t0 = time.perf_counter()
-  lowered = step.lower(params_g, other_g, x_g)
+  lowered = step.lower(params_g, other_g, opt_state, x_g, capacity)
   t_lower = time.perf_counter() - t0
   lowered_text = lowered.as_text() if analyze and jax.process_index() == 0 else ""
   rss["lowered"] = _rss_mib()
@@ -237,28 +242,26 @@ def moe_step(nodes: int, gpus: int, schedule: str, tokens: int, hidden: int, ffn
 
   launch.barrier("compiled")
   times, losses = [], []
+  local = lambda a: np.asarray(a.addressable_data(0))
   for _ in range(steps):
     t0 = time.perf_counter()
-    params_g, other_g, loss, stats, gx = compiled(params_g, other_g, x_g)
-    jax.block_until_ready((params_g, other_g, loss, stats, gx))
+    params_g, other_g, opt_state, metrics = compiled(params_g, other_g, opt_state, x_g)
+    jax.block_until_ready((params_g, other_g, metrics))
     times.append(time.perf_counter() - t0)
-    losses.append(float(np.asarray(loss.addressable_data(0))))
+    losses.append(float(local(metrics["loss"])))
     say(f"step {len(times)}: {times[-1]:.2f} s, loss {losses[-1]:.6g}")
     rss[f"step{len(times)}"] = _rss_mib()
-  local = lambda a: np.asarray(a.addressable_data(0))
-  counts = local(stats.expert_counts)
+  counts = local(metrics["expert_counts"])[0]
   out.update(
       step_s=times, loss=losses,
-      dropped=float(local(stats.dropped)),
-      needed_capacity=[int(v) for v in local(stats.needed_capacity)],
-      rows_inter_node=float(local(stats.rows_inter_node)),
-      rows_intra_node=float(local(stats.rows_intra_node)),
-      buffer_rows_inter_node=float(local(stats.buffer_rows_inter_node)),
-      buffer_rows_intra_node=float(local(stats.buffer_rows_intra_node)),
+      dropped=float(local(metrics["dropped_tokens"])),
+      needed_capacity=[int(v) for v in local(metrics["needed_capacity"])],
+      rows_inter_node=float(local(metrics["rows_inter_node"])),
+      rows_intra_node=float(local(metrics["rows_intra_node"])),
+      buffer_rows_inter_node=float(local(metrics["buffer_rows_inter_node"])),
+      buffer_rows_intra_node=float(local(metrics["buffer_rows_intra_node"])),
       assignments=float(counts.sum()), expert_load_max=float(counts.max()),
-      expert_load_min=float(counts.min()),
-      grad_x_norm=float(np.sqrt(sum(float(np.sum(np.square(np.asarray(s.data))))
-                                    for s in gx.addressable_shards))))
+      expert_load_min=float(counts.min()), grad_norm=float(local(metrics["grad_norm"])))
   return out
 
 
@@ -526,7 +529,7 @@ def render(rows: list[dict], script: str = f"{NAME}.py") -> None:
       "statistics and replicated-parameter gradients are summed over `gpu`, then over `node`, "
       "so no 2048-member group exists in the two_hop program). No hierarchical (two-stage) "
       "node exchange is used.")
-  R.write_markdown(NAME, "DeepSeekMoE on up to 2048 emulated devices (issue 3)", sections,
+  R.write_markdown(NAME, "DeepSeekMoE on up to 2048 emulated devices", sections,
                    script)
 
   fig, axs = plt.subplots(1, 3, figsize=(12, 3.6))

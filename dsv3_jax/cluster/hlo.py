@@ -1,7 +1,7 @@
 """Collectives of a compiled program, read from its HLO text: kind, replica groups, bytes.
 
-A jitted program can be analysed at any device count without running it (compiling a
-2048-device shard_map program on one CPU process takes 1-3 s, NOTES-2048):
+A jitted program can be analysed at any device count without running it (one CPU process
+compiles a 2048-device shard_map program: the MoE step of results/scale_2048.md in ~30 s):
 
     lowered = jax.jit(f).lower(*args)
     hlo = parse_hlo(lowered.compile().as_text())        # compiled (optimised) HLO
@@ -592,7 +592,7 @@ def distinct_partitions(collectives: Iterable[Collective], n_devices: Optional[i
   A multi-process CPU runtime (gloo) opens one communicator per distinct group, so this is the
   list to size its connections by (`launch.estimate_open_files`). A collective-permute counts
   as one group of all `n_devices` devices when given (XLA:CPU's gloo path builds its
-  communicator over every device, NOTES-2048), else as its connected sets.
+  communicator over every device, as observed with jax 0.10.2), else as its connected sets.
   """
   seen = OrderedDict()
   for c in collectives:

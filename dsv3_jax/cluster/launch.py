@@ -1,7 +1,8 @@
 """A local multi-controller launcher: P processes x L devices, joined by `jax.distributed`.
 
 One process can emulate at most 256 CPU devices that take part in collectives (XLA:CPU blocks
-one intra-op thread per device in a collective and caps the pool at 256 threads, NOTES-2048),
+one intra-op thread per device in a collective and caps the pool at 256 threads; README, "More
+than 256 devices"),
 so larger emulated clusters run as several processes, each with L local CPU devices, joined by
 `jax.distributed.initialize` and gloo CPU collectives: the multi-controller model of a real
 multi-host cluster. The worker side (`worker_main`) is the same code a cluster would run on each
@@ -22,7 +23,8 @@ Limits it checks before starting anything (`check_layout`): P divides N, L <= 25
 open files L x sum(group size - 1) + 50 (one socket per local device and peer of each
 communicator, plus the runtime's own) under the process's open-file limit.
 
-Source: NOTES-2048 (measured limits of jax 0.10.2 on XLA:CPU with gloo).
+Source: limits of jax 0.10.2 on XLA:CPU with gloo, measured on this project's machine; the
+runs they allow and the one that did not complete are in results/scale_2048.md.
 """
 
 from __future__ import annotations
@@ -45,8 +47,8 @@ import time
 import traceback
 from typing import Any, Callable, Optional, Sequence
 
-MAX_LOCAL_DEVICES = 256  # XLA:CPU kMaxIntraOpThreads (NOTES-2048)
-FD_OVERHEAD = 50  # open files of a jax process besides gloo's sockets (NOTES-2048)
+MAX_LOCAL_DEVICES = 256  # XLA:CPU's intra-op thread cap (kMaxIntraOpThreads), jax 0.10.2
+FD_OVERHEAD = 50  # open files of a jax process besides gloo's sockets (measured, jax 0.10.2)
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _DEVICE_FLAG = "--xla_force_host_platform_device_count"
 
@@ -64,7 +66,7 @@ def estimate_open_files(local_devices: int, group_sizes: Sequence[int]) -> int:
 
   Gloo connects every local device to each peer of every communicator (one per distinct
   replica-group partition the program uses), one socket each: L x sum(size - 1), plus
-  `FD_OVERHEAD` for the runtime (NOTES-2048, measured on jax 0.10.2).
+  `FD_OVERHEAD` for the runtime (measured on jax 0.10.2).
 
   Args:
     local_devices: L, devices per process.
@@ -509,7 +511,7 @@ def cluster_devices(n_devices: int) -> list:
 
 def trim_memory() -> None:
   """Returns freed heap pages to the OS (glibc `malloc_trim(0)`; ~300 MB per process after
-  compiling at 2048 devices, NOTES-2048). No-op where glibc is missing."""
+  compiling at 2048 devices, measured with jax 0.10.2). No-op where glibc is missing."""
   try:
     ctypes.CDLL("libc.so.6").malloc_trim(0)
   except (OSError, AttributeError):
