@@ -7,9 +7,10 @@ q~_h = W_UK,h^T q_h^nope (kv_lora_rank values), and W_UV into the output,
 o_h = W_UV,h (sum_j p_hj c_j), so decoding never materialises per-head keys or values: the
 scores are one dot product of [q~_h | q^R_h] with the cached entry [c_j | k^R_j], and the
 weighted sum runs over the latent itself. Softmax is float32. Keys a query may not see (beyond
-its position, unused rows of the last page, padding slots) are masked to a finite -1e30 and
-their cache rows are zeroed before any product, so neither garbage nor NaN in a page can leak
-into a valid output, and a slot with no keys at all yields exactly 0.
+its position, unused rows of the last page, padding slots) are masked to a finite -1e30, and
+rows past a sequence's length are never read from the pool (the row gather fills them with
+0), so neither garbage nor NaN in a page can leak into a valid output, and a slot with no keys
+at all yields exactly 0.
 """
 
 from __future__ import annotations
@@ -33,15 +34,19 @@ def absorbed_weights(attn: MultiHeadLatentAttention) -> tuple[jax.Array, jax.Arr
 
 
 def latent_attention(q_lat: jax.Array, q_rope: jax.Array, kv: jax.Array, kv_len: jax.Array, *,
-                     scale: float) -> jax.Array:
+                     scale: float, sanitize: bool = True) -> jax.Array:
   """softmax over cached latents with per-query visible lengths (the absorbed core).
 
   Args:
     q_lat: [B, T, H, r] queries with W_UK absorbed (r = kv_lora_rank).
     q_rope: [B, T, H, dr] rotated rope queries.
-    kv: [B, K, r + dr] cache rows [c_KV | k_rope] of each sequence, in page-table order.
+    kv: [B, K, r + dr] cache rows [c_KV | k_rope] of each sequence, in page-table order; rows
+      at or past max_t kv_len[b, t] must be finite (`cache.read_rows` zero-fills them, and
+      `sanitize` zeroes them here for any other source).
     kv_len: [B, T] int32, query t sees rows [0, kv_len[b, t]) (0 = nothing: output 0).
     scale: softmax scale (`rope.softmax_scale`).
+    sanitize: zero the rows no query sees before any product (needed when kv may hold garbage
+      there, e.g. a plain page gather).
 
   Returns:
     [B, T, H, r] latent outputs sum_j p_j c_j in q_lat.dtype.
@@ -50,15 +55,18 @@ def latent_attention(q_lat: jax.Array, q_rope: jax.Array, kv: jax.Array, kv_len:
   k_rows = kv.shape[1]
   pos = jnp.arange(k_rows, dtype=jnp.int32)
   visible = pos[None, None, :] < kv_len[:, :, None]  # [B, T, K]
-  seen = pos[None, :] < jnp.max(kv_len, axis=1)[:, None]  # [B, K]: some query sees the row
-  kv = jnp.where(seen[:, :, None], kv.astype(q_lat.dtype), jnp.zeros((), q_lat.dtype))
+  kv = kv.astype(q_lat.dtype)
+  if sanitize:
+    seen = pos[None, :] < jnp.max(kv_len, axis=1)[:, None]  # [B, K]: some query sees the row
+    kv = jnp.where(seen[:, :, None], kv, jnp.zeros((), q_lat.dtype))
   q = jnp.concatenate([q_lat, q_rope.astype(q_lat.dtype)], axis=-1)
   s = jnp.einsum("bthc,bkc->bthk", q, kv, preferred_element_type=jnp.float32) * scale
   s = jnp.where(visible[:, :, None, :], s, _NEG)
   m = jnp.max(s, axis=-1, keepdims=True)
   e = jnp.exp(s - m)
   p = e / jnp.sum(e, axis=-1, keepdims=True)
-  return jnp.einsum("bthk,bkr->bthr", p.astype(q_lat.dtype), kv[..., :r])
+  # over the whole row (latent and rope part), then keep the latent: cheaper than slicing kv
+  return jnp.einsum("bthk,bkc->bthc", p.astype(q_lat.dtype), kv)[..., :r]
 
 
 def mla_decode(attn: MultiHeadLatentAttention, x: jax.Array, cos: jax.Array, sin: jax.Array,
@@ -87,11 +95,11 @@ def mla_decode(attn: MultiHeadLatentAttention, x: jax.Array, cos: jax.Array, sin
   c_kv, k_rope = attn.latent_kv(x, cos, sin)
   slots = cache_lib.slot_ids(page_table, positions, valid, page_size)
   pool = cache_lib.write_latents(pool, slots, jnp.concatenate([c_kv, k_rope], axis=-1))
-  kv = cache_lib.read_pages(pool, page_table)
+  kv_len = jnp.where(valid, positions + 1, 0)
+  kv = cache_lib.read_rows(pool, page_table, jnp.max(kv_len, axis=1))  # zero past the length
   w_uk, w_uv = absorbed_weights(attn)
   q_lat = jnp.einsum("bthd,rhd->bthr", q_nope, w_uk)
-  kv_len = jnp.where(valid, positions + 1, 0)
-  o_lat = latent_attention(q_lat, q_rope, kv, kv_len, scale=attn.scale)
+  o_lat = latent_attention(q_lat, q_rope, kv, kv_len, scale=attn.scale, sanitize=False)
   out = jnp.einsum("bthr,rhv->bthv", o_lat, w_uv)
   b, t = x.shape[:2]
   return attn.o_proj(out.reshape(b, t, -1)), pool

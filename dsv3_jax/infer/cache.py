@@ -253,6 +253,26 @@ def read_pages(pool: jax.Array, page_table: jax.Array) -> jax.Array:
   return pool[page_table].reshape(b, p * ps, w)
 
 
+def read_rows(pool: jax.Array, page_table: jax.Array, length: jax.Array) -> jax.Array:
+  """The first `length` cached rows of each sequence, zero beyond: [B, P * page_size, width].
+
+  One gather of rows through the page table; rows at or past a sequence's length are not read
+  at all (their index is out of range and the gather fills them with 0), so an unused row, or
+  anything in pages the sequence does not hold, can never reach the attention (not even NaN).
+
+  Args:
+    pool: [num_pages, page_size, width].
+    page_table: [B, P] int32 page ids.
+    length: [B] int32 rows to read per sequence (<= P * page_size).
+  """
+  n, ps, w = pool.shape
+  b, p = page_table.shape
+  k = jnp.arange(p * ps, dtype=jnp.int32)
+  rows = page_table[:, k // ps] * ps + (k % ps)[None, :]
+  rows = jnp.where(k[None, :] < length[:, None], rows, n * ps)
+  return jnp.take(pool.reshape(n * ps, w), rows, axis=0, mode="fill", fill_value=0)
+
+
 def gather_pages(pools: Sequence[jax.Array], page_ids) -> tuple[jax.Array, ...]:
   """Copies whole pages out of every layer's pool: [L] x [n, page_size, width] (global ids)."""
   ids = jnp.asarray(page_ids, jnp.int32)

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
+import math
 import os
 import time
 from typing import Callable, Iterable, Optional, Sequence, Union
@@ -93,6 +95,16 @@ def _model_mesh(model: Transformer):
 
 
 # ---------------------------------------------------------------------------- the steps
+
+
+def _geometric_buckets(hi: int, ratio: float = 1.25) -> tuple[int, ...]:
+  """1, 2, 3, ... growing by `ratio` (at least 1), then hi: ~log_ratio(hi) buckets, padding
+  at most (ratio - 1) of the size."""
+  out, b = [], 1
+  while b < hi:
+    out.append(b)
+    b = max(b + 1, math.ceil(b * ratio))
+  return tuple(out) + (hi,)
 
 
 def _pow2_buckets(lo: int, hi: int) -> tuple[int, ...]:
@@ -158,6 +170,8 @@ class StepFunctions:
       self.decode = jax.jit(self._decode_local, donate_argnums=(1,))
       self.pool_sharding = None
       self.sample = jax.jit(self._sample)
+      self._generate = functools.partial(jax.jit, donate_argnums=(1,), static_argnames=(
+          "n_steps", "sampled", "want_logits"))(self._generate_local)
     else:
       axes = tuple(mesh.axis_names)
       for moe in model.moe_layers:
@@ -187,7 +201,26 @@ class StepFunctions:
                             in_shardings=(st_sh, pools_sh) + (batch,) * 4,
                             out_shardings=(batch, batch, pools_sh))
       self.sample = jax.jit(self._sample, in_shardings=(batch,) * 6, out_shardings=batch)
+
+      def gen(state, pools, *args, n_steps, sampled, want_logits):
+        fn = functools.partial(self._generate_local, n_steps=n_steps, sampled=sampled,
+                               want_logits=want_logits)
+        return jax.shard_map(fn, mesh=mesh, in_specs=(st_spec, pool_specs) + (rows,) * 9,
+                             out_specs=(rows, rows, pool_specs))(state, pools, *args)
+
+      self._generate = jax.jit(gen, donate_argnums=(1,),
+                               static_argnames=("n_steps", "sampled", "want_logits"),
+                               in_shardings=(st_sh, pools_sh) + (batch,) * 9,
+                               out_shardings=(batch, batch, pools_sh))
       self.state = jax.device_put(self.state, st_sh)
+
+  def generate(self, state, pools, tokens, start, remaining, stop_ids, page_table, temperature,
+               top_k, top_p, key_data, *, n_steps: int, sampled: bool, want_logits: bool):
+    """Jitted multi-step decode (see `_generate_local`); one compilation per shape bucket,
+    n_steps and sampled / want_logits flag."""
+    return self._generate(state, pools, tokens, start, remaining, stop_ids, page_table,
+                          temperature, top_k, top_p, key_data, n_steps=n_steps, sampled=sampled,
+                          want_logits=want_logits)
 
   def init_pools(self) -> tuple[jax.Array, ...]:
     """Zeroed pools, placed for this mesh."""
@@ -238,8 +271,13 @@ class StepFunctions:
     the token after position start + t."""
     self.compiles["decode"] += 1
     model = nnx.merge(self.graphdef, state)
-    b, t = tokens.shape
+    t = tokens.shape[1]
     positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    logits, pools = self._decode_layers(model, pools, tokens, positions, valid, page_table)
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32), logits, pools
+
+  def _decode_layers(self, model, pools, tokens, positions, valid, page_table):
+    """The decoder on new tokens [b, T] at positions [b, T]: (logits [b, T, V], pools)."""
     cos, sin = rope_cos_sin(positions, self.inv_freq, self.rope_scale)
     h = model.embed(tokens)
     pools = list(pools)
@@ -248,8 +286,68 @@ class StepFunctions:
                                  page_table, positions, valid, self.spec.page_size)
       h = h + out
       h = h + self._ffn(layer, layer.post_attention_layernorm(h), valid)
-    logits = model.head(model.norm(h))
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32), logits, tuple(pools)
+    return model.head(model.norm(h)), tuple(pools)
+
+  def _generate_local(self, state, pools, tokens, start, remaining, stop_ids, page_table,
+                      temperature, top_k, top_p, key_data, *, n_steps: int, sampled: bool,
+                      want_logits: bool):
+    """Up to n_steps decode steps in one call, each token fed back on the device.
+
+    Args:
+      tokens: [b] int32 the last generated token of each sequence (not yet cached).
+      start: [b] int32 its position (= cached tokens).
+      remaining: [b] int32 tokens the sequence may still produce (0 = empty slot).
+      stop_ids: [b, S] int32 stop tokens (-1 = none): a sequence stops after one.
+      page_table: [b, P] int32, holding every position the call can write.
+      temperature, top_k, top_p, key_data: sampling settings (used when `sampled`).
+      n_steps, sampled, want_logits: static.
+
+    Returns:
+      (tokens [b, n_steps] int32, -1 after a sequence stopped; logits [b, n_steps, V] float32
+      (or [b, 0, V] without want_logits); pools).
+    """
+    self.compiles[f"generate{'_sampled' if sampled else ''}"] += 1
+    model = nnx.merge(self.graphdef, state)
+    b = tokens.shape[0]
+    v = self.config.vocab_size
+
+    def body(j, carry):
+      pools, tok, pos, alive, count, out, out_logits = carry
+      logits, pools = self._decode_layers(model, pools, tok[:, None], pos[:, None],
+                                          alive[:, None], page_table)
+      logits = logits[:, 0]
+      if sampled:
+        nxt = sample(logits, temperature, top_k, top_p, key_data, pos + 1)
+      else:
+        nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+      nxt = jnp.where(alive, nxt, -1)
+      out = out.at[:, j].set(nxt)
+      if want_logits:
+        out_logits = out_logits.at[:, j].set(logits)
+      count = count + alive.astype(jnp.int32)
+      stop = jnp.any(nxt[:, None] == stop_ids, axis=1)
+      alive = alive & ~stop & (count < remaining)
+      return (pools, jnp.maximum(nxt, 0), pos + 1, alive, count, out, out_logits)
+
+    init = (tuple(pools), tokens, start, remaining > 0, jnp.zeros((b,), jnp.int32),
+            jnp.full((b, n_steps), -1, jnp.int32),
+            jnp.zeros((b, n_steps if want_logits else 0, v), jnp.float32))
+    if n_steps == 1:
+      carry = body(0, init)
+    else:  # stops early once every sequence is done
+      def cond(c):
+        return (c[0] < n_steps) & _any_alive(c[4])
+
+      def step(c):
+        return (c[0] + 1,) + body(c[0], c[1:])
+
+      if self.mesh is not None:
+        axes = tuple(self.mesh.axis_names)
+        _any_alive = lambda alive: jax.lax.psum(jnp.sum(alive.astype(jnp.int32)), axes) > 0
+      else:
+        _any_alive = jnp.any
+      carry = jax.lax.while_loop(cond, step, (jnp.int32(0),) + init)[1:]
+    return carry[5], carry[6], carry[0]
 
   def _sample(self, logits, temperature, top_k, top_p, key_data, positions):
     self.compiles["sample"] += 1
@@ -325,10 +423,13 @@ class Engine:
       `max_position_embeddings` tokens.
     cache_dtype: cache element dtype (default: the model's compute dtype).
     moe_kernel: see `StepFunctions`.
+    decode_steps: decode steps per jitted call (tokens fed back on the device; sequences join
+      and leave between calls, a sequence that stops inside a call ends there). 1 = one call
+      per token.
     batch_buckets, page_buckets, prompt_buckets: static shapes the steps are compiled for:
       sequences per device in a step, pages read per sequence in decode, prompt tokens in
-      prefill (default powers of two up to the maximum; fewer buckets = fewer compilations,
-      more padding).
+      prefill (default: powers of two for batch and prompt, sizes growing by 1.25x for pages,
+      up to the maximum; fewer buckets = fewer compilations, more padding).
 
   Raises:
     ValueError: a bad setting, naming it and the allowed values (before any work).
@@ -337,6 +438,7 @@ class Engine:
   def __init__(self, model: Transformer, *, mesh=None, max_batch: int = 32,
                page_size: int = 16, num_pages: Optional[int] = None,
                cache_dtype: Optional[str] = None, moe_kernel: str = "serving",
+               decode_steps: int = 1,
                batch_buckets: Optional[Sequence[int]] = None,
                page_buckets: Optional[Sequence[int]] = None,
                prompt_buckets: Optional[Sequence[int]] = None):
@@ -348,6 +450,9 @@ class Engine:
     if max_batch % n_shards:
       raise ValueError(f"max_batch={max_batch} must be a multiple of the {n_shards} devices of "
                        f"the mesh (allowed: {n_shards}, {2 * n_shards}, ...)")
+    if isinstance(decode_steps, bool) or not isinstance(decode_steps, int) or decode_steps < 1:
+      raise ValueError(f"decode_steps must be a positive integer, got {decode_steps!r}")
+    self.decode_steps = decode_steps
     if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1:
       raise ValueError(f"page_size must be a positive integer, got {page_size!r}")
     self.max_pages_per_seq = -(-c.max_position_embeddings // page_size)
@@ -358,7 +463,7 @@ class Engine:
     self.batch_buckets = _buckets("batch_buckets", batch_buckets,
                                   _pow2_buckets(1, self.slots_per_shard), self.slots_per_shard)
     self.page_buckets = _buckets("page_buckets", page_buckets,
-                                 _pow2_buckets(1, self.max_pages_per_seq),
+                                 _geometric_buckets(self.max_pages_per_seq),
                                  self.max_pages_per_seq)
     self.prompt_buckets = _buckets("prompt_buckets", prompt_buckets,
                                    _pow2_buckets(min(16, max_pos), max_pos), max_pos)
@@ -645,33 +750,50 @@ class Engine:
       s.cached = len(s.prompt)
       self._emit(s, int(nxt[r]), None if logits is None else logits[r], events)
 
+  def _remaining(self, s: _Sequence) -> int:
+    """Tokens `s` may still produce before max_new_tokens or max_position_embeddings."""
+    g, n = len(s.generated), len(s.prompt)
+    return min(s.max_new_tokens - g, self.config.max_position_embeddings - n - g + 1)
+
   def _decode(self, seqs: list[_Sequence], events: list) -> None:
     b, rows = self._layout(seqs)
     n = b * self.spec.num_shards
+    k = self.decode_steps
+    remaining = {s.id: self._remaining(s) for s in seqs}
     for _, s in rows:
-      self._grow(s, s.cached + 1)
+      self._grow(s, s.cached + min(k, remaining[s.id]))
     n_pages = _pick(max(len(s.pages) for s in seqs), self.page_buckets)
-    tokens = np.zeros((n, 1), np.int32)
+    n_stop = _pick(max(1, max(len(s.stop_tokens) for s in seqs)), (1, 2, 4, 8, 16, 32))
+    tokens = np.zeros((n,), np.int32)
     start = np.zeros((n,), np.int32)
-    valid = np.zeros((n, 1), bool)
+    rem = np.zeros((n,), np.int32)
+    stop = np.full((n, n_stop), -1, np.int32)
     table = np.zeros((n, n_pages), np.int32)
     for r, s in rows:
-      tokens[r, 0] = s.generated[-1]
+      tokens[r] = s.generated[-1]
       start[r] = s.cached
-      valid[r, 0] = True
+      rem[r] = remaining[s.id]
+      stop[r, :len(s.stop_tokens)] = sorted(s.stop_tokens)
       table[r, :len(s.pages)] = s.pages
       table[r, len(s.pages):] = s.pages[0]  # padding entries point at the sequence's own page
+    sampled = any(s.sampling.temperature > 0 for s in seqs)
+    want_logits = any(s.want_logits for s in seqs)
     t0 = time.perf_counter()
-    nxt, logits, self.pools = self.steps.decode(self.steps.state, self.pools, tokens, start,
-                                                valid, table)
-    nxt = self._choose(n, rows, nxt[:, 0], logits[:, 0], start + 1)[:, None]
-    logits = np.asarray(logits) if any(s.want_logits for s in seqs) else None
+    out, logits, self.pools = self.steps.generate(
+        self.steps.state, self.pools, tokens, start, rem, stop, table,
+        *self._sampling_arrays(n, rows), n_steps=k, sampled=sampled, want_logits=want_logits)
+    out = np.asarray(out)
+    logits = np.asarray(logits) if want_logits else None
     self.timings["decode_s"] += time.perf_counter() - t0
-    self.counts["decode_steps"] += 1
-    self.counts["decode_tokens"] += len(rows)
+    self.counts["decode_calls"] += 1
+    self.counts["decode_steps"] += int((out >= 0).any(axis=0).sum())
     for r, s in rows:
-      s.cached += 1
-      self._emit(s, int(nxt[r, 0]), None if logits is None else logits[r, 0], events)
+      for j in range(k):
+        if out[r, j] < 0 or s.finish_reason is not None:
+          break
+        s.cached += 1
+        self.counts["decode_tokens"] += 1
+        self._emit(s, int(out[r, j]), None if logits is None else logits[r, j], events)
 
   def step(self) -> list[Event]:
     """Admits what fits, prefills it, then decodes one token for every running sequence.
