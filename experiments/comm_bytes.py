@@ -27,14 +27,9 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "experiments"))
-
-from dsv3_jax.parallel.mesh import set_host_device_count  # noqa: E402  (imports no jax)
+from dsv3_jax.parallel.mesh import set_host_device_count  # (imports no jax)
 
 set_host_device_count(32)
 
