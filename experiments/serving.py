@@ -1,0 +1,226 @@
+"""Decode speed of the serving engine on one device at the tiny config's dims.
+
+The setting of the serving issue: configs/tiny.py dimensions, float32, prompts of 128 tokens,
+128 new tokens, greedy, one device, batch 32 and batch 1, compared with Hugging Face
+transformers' `generate()` (PyTorch eager, DynamicCache) on this machine: ~1,100 tokens/s at
+batch 32 (29 ms per step) and ~280 tokens/s at batch 1 (3.6 ms per token), reference constants
+quoted in the issue (transformers is not installed here). The targets: >= 3x the PyTorch
+tokens/s at batch 32, a lower time per token at batch 1.
+
+Model: the main job's checkpoint (runs/orion_4x8) when it exists (realistic routing), else the
+tiny model at random initialisation (same dims, same work per token). For each batch size and
+each `decode_steps` (decode steps per jitted call: 1 = one call per token) the script warms up
+(one full generation compiles every shape bucket it uses), then times `--repeats` identical
+generations and keeps the fastest (the machine is shared: the minimum is the least disturbed
+run; the median is reported too). Decode tokens/s counts generated tokens over the time spent
+in decode calls (prefill excluded; prefill tokens/s is its own column). Compilations after
+warm-up are counted (they must be 0). Cache bytes per token are read from the pool arrays and
+set next to `analysis.memory.kv_cache_bytes_per_token`, for the tiny model and, built abstractly
+with jax.eval_shape, for DeepSeek-V3 671B.
+
+    python experiments/serving.py [--repeats 5] [--decode-steps 1 8] [--workdir runs/orion_4x8]
+
+Writes results/serving.{md,csv,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import _report as R
+
+HF_TOKENS_PER_S = {32: 1100.0, 1: 280.0}  # transformers generate() here, quoted in the issue
+HF_MS_PER_STEP = {32: 29.0, 1: 3.6}
+TARGET_SPEEDUP_B32 = 3.0
+
+
+def _model(workdir):
+  from flax import nnx
+
+  from configs import tiny
+  from dsv3_jax.model.config import ModelConfig
+  from dsv3_jax.model.transformer import Transformer
+
+  if workdir and os.path.isdir(os.path.join(workdir, "checkpoints")):
+    from dsv3_jax.train.trainer import load_trained
+    _, model, step = load_trained(workdir)
+    return model, f"{workdir} (step {step})"
+  cfg = ModelConfig.from_dict(tiny.get_config().model.to_dict())
+  return Transformer(cfg, rngs=nnx.Rngs(0)), "tiny dims, random initialisation"
+
+
+def _prompts(batch, length, vocab, seed=0):
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  return [rng.integers(1, vocab, length).tolist() for _ in range(batch)]
+
+
+def measure(model, batch, decode_steps, prompt_len, new_tokens, repeats):
+  from dsv3_jax.infer import Engine
+
+  engine = Engine(model, max_batch=batch, page_size=16, decode_steps=decode_steps)
+  prompts = _prompts(batch, prompt_len, model.config.vocab_size)
+  t0 = time.perf_counter()
+  engine.generate(prompts, max_new_tokens=new_tokens)
+  warmup_s = time.perf_counter() - t0
+  warm = dict(engine.compiles)
+  runs = []
+  for _ in range(repeats):
+    before = (dict(engine.timings), dict(engine.counts))
+    outs = engine.generate(prompts, max_new_tokens=new_tokens)
+    assert all(len(o.tokens) == new_tokens for o in outs)
+    dt = {k: engine.timings[k] - before[0].get(k, 0.0) for k in ("decode_s", "prefill_s")}
+    dn = {k: engine.counts[k] - before[1].get(k, 0) for k in ("decode_tokens",
+                                                               "decode_steps")}
+    runs.append(dict(decode_s=dt["decode_s"], prefill_s=dt["prefill_s"],
+                     tokens=dn["decode_tokens"], steps=dn["decode_steps"]))
+  best = min(runs, key=lambda r: r["decode_s"])
+  med = statistics.median(r["decode_s"] for r in runs)
+  recompiles = sum(engine.compiles.values()) - sum(warm.values())
+  return dict(
+      batch=batch, decode_steps=decode_steps,
+      decode_tokens_per_s=best["tokens"] / best["decode_s"],
+      decode_tokens_per_s_median=best["tokens"] / med,
+      ms_per_step=1e3 * best["decode_s"] / best["steps"],
+      ms_per_token_per_seq=1e3 * best["decode_s"] / best["steps"],
+      prefill_tokens_per_s=batch * prompt_len / min(r["prefill_s"] for r in runs),
+      warmup_s=warmup_s, compiles_in_warmup=sum(warm.values()), recompiles_after_warmup=recompiles,
+      cache_bytes_per_token=engine.cache_bytes_per_token())
+
+
+def cache_rows(model):
+  import jax
+
+  from configs import deepseek_v3_671b
+  from dsv3_jax.analysis.memory import kv_cache_bytes_per_token
+  from dsv3_jax.infer import cache as cache_lib
+  from dsv3_jax.model.config import ModelConfig
+
+  rows = []
+  for name, cfg in (("tiny (float32)", model.config),
+                    ("DeepSeek-V3 671B (bfloat16, abstract)", ModelConfig.from_dict(
+                        deepseek_v3_671b.get_config().model.to_dict()))):
+    spec = cache_lib.CacheSpec.for_model(cfg, pages_per_shard=8, page_size=64)
+    pools = jax.eval_shape(lambda: cache_lib.init_pools(spec))
+    bits = 8 * jax.numpy.dtype(spec.dtype).itemsize
+    measured = cache_lib.bytes_per_token(pools)
+    mla = kv_cache_bytes_per_token(cfg.to_dict(), cache_bits=bits)
+    # a materialised cache: per head the full key (nope + rope) and value
+    full = (cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim)
+            * bits / 8)
+    rows.append(dict(model=name, measured_bytes=measured, formula_bytes=mla,
+                     materialised_bytes=full, ratio=full / measured))
+  return rows
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--repeats", type=int, default=5)
+  ap.add_argument("--decode-steps", type=int, nargs="+", default=[1, 8])
+  ap.add_argument("--batches", type=int, nargs="+", default=[32, 1])
+  ap.add_argument("--prompt", type=int, default=128)
+  ap.add_argument("--new-tokens", type=int, default=128)
+  ap.add_argument("--workdir", default=os.path.join(R.REPO_ROOT, "runs", "orion_4x8"))
+  args = ap.parse_args()
+
+  import jax
+
+  model, source = _model(args.workdir)
+  rows = []
+  for batch in args.batches:
+    for k in args.decode_steps:
+      load = os.getloadavg()[0]
+      r = measure(model, batch, k, args.prompt, args.new_tokens, args.repeats)
+      r["load_average_1min"] = load
+      r["vs_pytorch_tokens_per_s"] = r["decode_tokens_per_s"] / HF_TOKENS_PER_S[batch]
+      rows.append(r)
+      print(f"batch {batch:2d} decode_steps {k}: decode {r['decode_tokens_per_s']:,.0f} tokens/s "
+            f"(median {r['decode_tokens_per_s_median']:,.0f}; {r['ms_per_step']:.2f} ms/step, "
+            f"{r['vs_pytorch_tokens_per_s']:.2f}x PyTorch's {HF_TOKENS_PER_S[batch]:,.0f}) | "
+            f"prefill {r['prefill_tokens_per_s']:,.0f} tokens/s | compiles {r['compiles_in_warmup']}"
+            f" in warm-up, {r['recompiles_after_warmup']} after | load {load:.1f}", flush=True)
+  caches = cache_rows(model)
+  for c in caches:
+    print(f"cache {c['model']}: {c['measured_bytes']:,.0f} B/token from the pools, formula "
+          f"{c['formula_bytes']:,.0f}, materialised {c['materialised_bytes']:,.0f} "
+          f"({c['ratio']:.1f}x)")
+
+  R.write_csv("serving", rows)
+  machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, jax {jax.__version__}"
+  lines = [
+      "# Serving: decode speed on one device (tiny dims)",
+      "",
+      f"Generated by `experiments/serving.py --repeats {args.repeats} --decode-steps "
+      f"{' '.join(map(str, args.decode_steps))}` on {machine}; model: {source}. Float32, "
+      f"prompts of {args.prompt} tokens, {args.new_tokens} new tokens, greedy, one device, "
+      "paged latent cache (16-token pages), absorbed MLA decode. Fastest of "
+      f"{args.repeats} timed generations after a warm-up one (median in brackets); the "
+      "machine is shared with other jobs (1-minute load average in the last column).",
+      "",
+      "| batch | decode steps per call | decode tokens/s | ms per step | vs PyTorch | "
+      "prefill tokens/s | compiles (warm-up / after) | load |",
+      "|---:|---:|---:|---:|---:|---:|---:|---:|",
+  ]
+  for r in rows:
+    lines.append(
+        f"| {r['batch']} | {r['decode_steps']} | {r['decode_tokens_per_s']:,.0f} "
+        f"({r['decode_tokens_per_s_median']:,.0f}) | {r['ms_per_step']:.2f} | "
+        f"{r['vs_pytorch_tokens_per_s']:.2f}x | {r['prefill_tokens_per_s']:,.0f} | "
+        f"{r['compiles_in_warmup']} / {r['recompiles_after_warmup']} | "
+        f"{r['load_average_1min']:.1f} |")
+  best32 = max((r for r in rows if r["batch"] == 32), key=lambda r: r["decode_tokens_per_s"],
+               default=None)
+  best1 = min((r for r in rows if r["batch"] == 1), key=lambda r: r["ms_per_step"], default=None)
+  lines += ["", "Targets (PyTorch eager `generate()` on this machine, quoted in the issue: "
+            f"{HF_TOKENS_PER_S[32]:,.0f} tokens/s = {HF_MS_PER_STEP[32]:.0f} ms per step at batch "
+            f"32, {HF_TOKENS_PER_S[1]:,.0f} tokens/s = {HF_MS_PER_STEP[1]} ms per token at batch 1):"]
+  if best32:
+    ok = best32["decode_tokens_per_s"] >= TARGET_SPEEDUP_B32 * HF_TOKENS_PER_S[32]
+    lines.append(f"- batch 32: {best32['decode_tokens_per_s']:,.0f} tokens/s = "
+                 f"{best32['vs_pytorch_tokens_per_s']:.2f}x (target >= {TARGET_SPEEDUP_B32:.0f}x: "
+                 f"{'met' if ok else 'not met'}; decode_steps {best32['decode_steps']})")
+  if best1:
+    ok = best1["ms_per_step"] < HF_MS_PER_STEP[1]
+    lines.append(f"- batch 1: {best1['ms_per_step']:.2f} ms per token = "
+                 f"{best1['vs_pytorch_tokens_per_s']:.2f}x PyTorch's tokens/s (target < "
+                 f"{HF_MS_PER_STEP[1]} ms: {'met' if ok else 'not met'}; decode_steps "
+                 f"{best1['decode_steps']})")
+  lines += ["", "## Cache bytes per token", "",
+            "Read from the pool arrays (`infer.cache.bytes_per_token`; the 671B pools built with "
+            "jax.eval_shape, never allocated) next to `analysis.memory.kv_cache_bytes_per_token` "
+            "and a materialised per-head K/V cache of the same model.", "",
+            "| model | from the pools (B) | formula (B) | materialised K/V (B) | materialised / MLA |",
+            "|---|---:|---:|---:|---:|"]
+  for c in caches:
+    lines.append(f"| {c['model']} | {c['measured_bytes']:,.0f} | {c['formula_bytes']:,.0f} | "
+                 f"{c['materialised_bytes']:,.0f} | {c['ratio']:.1f}x |")
+  with open(R.path("serving", "md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+  for ax, batch in zip(axes, (32, 1)):
+    sel = [r for r in rows if r["batch"] == batch]
+    if not sel:
+      continue
+    names = ["PyTorch eager\n(quoted)"] + [f"dsv3_jax\n{r['decode_steps']} step/call" for r in sel]
+    vals = [HF_TOKENS_PER_S[batch]] + [r["decode_tokens_per_s"] for r in sel]
+    ax.bar(names, vals, color=["#999"] + ["#3571b8"] * len(sel))
+    if batch == 32:
+      ax.axhline(TARGET_SPEEDUP_B32 * HF_TOKENS_PER_S[32], ls="--", c="k", lw=1, label="3x target")
+    else:
+      ax.axhline(1e3 / HF_MS_PER_STEP[1], ls="--", c="k", lw=1, label="3.6 ms/token")
+    ax.set_title(f"decode, batch {batch}")
+    ax.set_ylabel("tokens/s")
+    ax.legend(fontsize=8)
+  fig.suptitle("tiny DeepSeek-V3, float32, one CPU device, prompt 128 + 128 new")
+  fig.tight_layout()
+  fig.savefig(R.path("serving", "png"), dpi=120)
+
+
+if __name__ == "__main__":
+  main()
