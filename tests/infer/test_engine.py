@@ -56,17 +56,18 @@ def test_sequences_join_and_leave_between_steps(engines):
   each one's tokens are what it gets alone (the transformers reference)."""
   engine = engines["tiny"]
   ref = _reference("tiny")
-  engine.generate([ref[0][0]], max_new_tokens=2)  # warm-up: the shapes used below
+  # (return_logits everywhere in this module: the same compiled variant as the parity test)
+  engine.generate([ref[0][0]], max_new_tokens=2, return_logits=True)  # warm-up
   compiles = dict(engine.compiles)
-  a = engine.submit(ref[0][0], max_new_tokens=25)
-  b = engine.submit(ref[1][0], max_new_tokens=5)
+  a = engine.submit(ref[0][0], max_new_tokens=25, return_logits=True)
+  b = engine.submit(ref[1][0], max_new_tokens=5, return_logits=True)
   got = {a: [], b: []}
   for _ in range(3):
     for ev in engine.step():
       got[ev.request_id].append(ev.token)
   assert engine.num_running == 2
-  c = engine.submit(ref[2][0], max_new_tokens=12)
-  d = engine.submit(ref[3][0], max_new_tokens=30)
+  c = engine.submit(ref[2][0], max_new_tokens=12, return_logits=True)
+  d = engine.submit(ref[3][0], max_new_tokens=30, return_logits=True)
   got.update({c: [], d: []})
   finished = []
   max_waiting = 0
@@ -90,7 +91,7 @@ def test_stop_tokens_end_a_sequence_and_are_included(engines):
   prompt, tokens, _, _ = _reference("tiny")[1]
   stop = int(tokens[6])
   first = int(np.nonzero(tokens == stop)[0][0])
-  (out,) = engine.generate([prompt], max_new_tokens=40, stop_tokens=[stop])
+  (out,) = engine.generate([prompt], max_new_tokens=40, stop_tokens=[stop], return_logits=True)
   assert out.finish_reason == "stop"
   assert out.tokens == tokens[:first + 1].tolist()
 
@@ -101,24 +102,25 @@ def test_sampling_is_reproducible_per_key_and_respects_top_k(engines):
   key = jax.random.key(7)
   kw = dict(max_new_tokens=12, temperature=1.0, top_k=3, key=key, return_logits=True)
   one = engine.generate(prompts, **kw)
-  two = engine.generate(prompts[::-1], **{**kw, "key": None})  # other keys, other batch
   again = engine.generate(prompts, **kw)
   assert [o.tokens for o in one] == [o.tokens for o in again]  # same key -> same samples
+  alone = engine.generate(prompts[:1], **kw)  # request 0 has the same key alone or batched
+  assert alone[0].tokens == one[0].tokens
   for o in one:  # every sampled token is among the 3 most likely
     top3 = np.argsort(o.logits, axis=1)[:, -3:]
     assert all(t in row for t, row in zip(o.tokens, top3))
-  greedy = engine.generate(prompts, max_new_tokens=12)
+  greedy = engine.generate(prompts, max_new_tokens=12, return_logits=True)
   assert [o.tokens for o in one] != [o.tokens for o in greedy]
   # top_p -> 0 keeps only the most likely token: greedy
-  nucleus = engine.generate(prompts, max_new_tokens=12, temperature=1.0, top_p=1e-6, key=key)
+  nucleus = engine.generate(prompts, max_new_tokens=12, temperature=1.0, top_p=1e-6, key=key,
+                            return_logits=True)
   assert [o.tokens for o in nucleus] == [o.tokens for o in greedy]
-  del two
 
 
 def test_bad_requests_fail_before_any_work_and_leave_the_batch_alone(engines):
   engine = engines["tiny"]
   ref = _reference("tiny")
-  rid = engine.submit(ref[0][0], max_new_tokens=10)
+  rid = engine.submit(ref[0][0], max_new_tokens=10, return_logits=True)
   engine.step()
   steps = engine.counts["decode_steps"]
   cases = [
