@@ -96,5 +96,13 @@ def get_config() -> config_dict.ConfigDict:
       eval_every=200,
       checkpoint_every=200,
       workdir="runs/tiny",
+      # Reliability (README, "Reliability"): stop after this many non-finite steps in a row
+      # (each one is skipped, no update applied); compare the replicas of the replicated state
+      # across devices every N steps and before each checkpoint (0: off; silent data
+      # corruption); accept a resume whose settings change the math (recorded in
+      # <workdir>/run_history.jsonl) instead of refusing it.
+      max_nonfinite_steps=3,
+      sdc_check_every=10,
+      allow_config_change=False,
   ))
   return c

@@ -57,3 +57,30 @@ def test_own_data_folder_trains_from_the_command_line(tmp_path):
   config = json.load(open(work / "config.json"))
   assert config["data"]["paths"] == [stdlib]
   assert "held-out loss" in r.stdout
+
+
+def test_help_prints_usage_and_the_config_fields(tmp_path):
+  r = _run(["--help"], tmp_path)
+  assert r.returncode == 0, r.stderr
+  assert r.stdout.startswith("usage: dsv3-train --config=CONFIG.py")
+  for field in ("train.learning_rate = 0.003", "model.rope_theta = 10000.0",
+                "train.max_nonfinite_steps = 3", "data.paths = None"):
+    assert field in r.stdout
+  r = _run([f"--config={ROOT}/configs/orion_4x8.py", "--help"], tmp_path)
+  assert r.returncode == 0 and "mesh.nodes = 4" in r.stdout
+
+
+def test_missing_config_file_and_misspelt_key_give_one_line(tmp_path):
+  work = tmp_path / "run"
+  r = _run(["--config=configs/nope.py", f"--config.train.workdir={work}"], tmp_path)
+  assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+  assert "config file 'configs/nope.py' not found" in r.stderr
+  r = _run([f"--config={ROOT}/configs/tiny.py", "--config.train.lerning_rate=1",
+            f"--config.train.workdir={work}"], tmp_path)
+  assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+  assert ("--config.train.lerning_rate=1: there is no setting 'lerning_rate' (did you mean "
+          "'learning_rate'?)") in r.stderr
+  r = _run([f"--config={ROOT}/configs/tiny.py", "--config.train.b2=1.0",
+            f"--config.train.workdir={work}"], tmp_path)
+  assert r.returncode == 2 and "train.b2=1.0; allowed: [0, 1)" in r.stderr
+  assert not work.exists()

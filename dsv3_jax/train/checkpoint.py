@@ -25,6 +25,9 @@ class Checkpointer:
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
 
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
   def save(self, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
     """Saves when `step` is on the interval (or `force`); returns whether it saved."""
     return self.manager.save(step, args=ocp.args.Composite(

@@ -4,12 +4,17 @@
 
 The emulated device count (mesh.nodes x mesh.gpus_per_node) is set from the config before jax
 is imported, so this module must not import jax at module level.
+
+Exit codes: 0 done; 2 a bad command line or config (one line on stderr, nothing written);
+3 the run stopped early (non-finite steps, a non-finite state, replica mismatch; the message
+names the step and the newest checkpoint, which a rerun resumes from).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from typing import Optional
 
 
 def _config_root(argv: list[str]) -> None:
@@ -46,17 +51,126 @@ def main(argv) -> None:
   except (ValueError, FileNotFoundError) as e:
     print(f"dsv3-train: error: {e}", file=sys.stderr)
     sys.exit(2)
+  except trainer.TrainingStopped as e:
+    print(f"dsv3-train: {e}", file=sys.stderr)
+    sys.exit(3)
+
+
+USAGE = """usage: dsv3-train --config=CONFIG.py [--config.SECTION.KEY=VALUE ...]
+
+Trains (or resumes) the run described by CONFIG.py (a file with get_config(), e.g.
+configs/tiny.py, configs/orion_4x8.py); any field below can be overridden, e.g.
+  dsv3-train --config=configs/tiny.py --config.train.steps=100 --config.data.paths="('/my/texts',)"
+Writes train.workdir/{config.json, metrics.jsonl, summary.json, checkpoints/}; rerunning resumes
+from the newest intact checkpoint. Exit codes: 0 done, 2 bad command line or config, 3 stopped
+early (non-finite steps, replica mismatch)."""
+
+
+def _config_path(argv: list[str]) -> Optional[str]:
+  for i, a in enumerate(argv):
+    if a.startswith("--config="):
+      return a.split("=", 1)[1]
+    if a == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _load_config_file(path: str):
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location("_dsv3_train_config", path.split(":")[0])
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def _fields(cfg, prefix: str = "") -> list[str]:
+  """'section.key = value' for every leaf of a ConfigDict."""
+  out = []
+  for key in sorted(cfg.keys()):
+    v = cfg[key]
+    if hasattr(v, "keys") and hasattr(v, "to_dict"):
+      out += _fields(v, f"{prefix}{key}.")
+    else:
+      out.append(f"  {prefix}{key} = {v!r}")
+  return out
+
+
+def _help(argv: list[str]) -> None:
+  path = _config_path(argv)
+  print(USAGE)
+  try:
+    if path:
+      cfg, name = _load_config_file(path), path
+    else:
+      from configs import tiny
+
+      cfg, name = tiny.get_config(), "configs/tiny.py (the default shown; pass --config)"
+    print(f"\nFields of {name}:")
+    print("\n".join(_fields(cfg)))
+  except Exception as e:  # noqa: BLE001 -- help must not fail on a broken config file
+    print(f"\n(could not read the fields of {path}: {type(e).__name__}: {e})")
+
+
+def _error_text(e: BaseException) -> str:
+  """The readable message of an exception raised while parsing config overrides."""
+  while e.args and isinstance(e.args[0], BaseException):
+    e = e.args[0]
+  text = str(e.args[0]) if e.args and isinstance(e.args[0], str) else str(e)
+  return " ".join(text.split())
+
+
+def _override_error(e: BaseException, argv: list[str]) -> str:
+  """One line for a bad --config.* override: the flag, the unknown key and the suggestion."""
+  import re
+
+  text = _error_text(e)
+  m = re.match(r"'([^']+)'( Did you mean \"([^\"]+)\")?", text)
+  key = m.group(1) if m else None
+  flag = next((a for a in argv if a.startswith("--config.") and key and
+               re.search(rf"[.]{re.escape(key)}([.=]|$)", a.split("=", 1)[0] + "=")), None)
+  if m:
+    hint = f" (did you mean {m.group(3)!r}?)" if m.group(3) else ""
+    return (f"{flag or 'a --config override'}: there is no setting {key!r}{hint}; see "
+            "dsv3-train --help for the fields")
+  flag = next((a for a in argv if a.startswith("--config.")), "--config")
+  return f"{text} (parsing {flag}; see dsv3-train --help)"
 
 
 def run() -> None:
-  from absl import app, flags
+  from absl import flags
   from ml_collections import config_flags
 
-  _config_root(sys.argv)
+  argv = list(sys.argv)
+  if any(a in ("-h", "--help", "--helpshort", "-help") for a in argv[1:]):
+    _config_root(argv)
+    _help(argv)
+    sys.exit(0)
+  path = _config_path(argv)
+  if path is None:
+    print("dsv3-train: error: --config=CONFIG.py is required (e.g. configs/tiny.py); see "
+          "dsv3-train --help", file=sys.stderr)
+    sys.exit(2)
+  if not os.path.isfile(path.split(":")[0]):
+    print(f"dsv3-train: error: config file {path.split(':')[0]!r} not found (working directory "
+          f"{os.getcwd()})", file=sys.stderr)
+    sys.exit(2)
+  _config_root(argv)
   config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).",
                                   lock_config=True)
-  flags.mark_flags_as_required(["config"])
-  app.run(main)
+  try:
+    rest = flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"dsv3-train: error: {_error_text(e)}; see dsv3-train --help", file=sys.stderr)
+    sys.exit(2)
+  except Exception as e:  # noqa: BLE001 -- a bad override: KeyError, AttributeError, TypeError
+    print(f"dsv3-train: error: {_override_error(e, argv)}", file=sys.stderr)
+    sys.exit(2)
+  if len(rest) > 1:
+    print(f"dsv3-train: error: unexpected arguments {rest[1:]}; see dsv3-train --help",
+          file=sys.stderr)
+    sys.exit(2)
+  main(rest)
 
 
 if __name__ == "__main__":

@@ -35,11 +35,55 @@ def to_python(metrics: Mapping[str, Any]) -> dict[str, Any]:
   return out
 
 
+def strict_json(obj: Any) -> Any:
+  """`obj` with every non-finite float (NaN, +-inf) replaced by None, recursively through
+  dicts, lists and tuples, so that `json.dumps(..., allow_nan=False)` writes strict JSON
+  (RFC 8259 has no NaN; Python's default `NaN` token is rejected by other parsers)."""
+  if isinstance(obj, float):
+    return obj if np.isfinite(obj) else None
+  if isinstance(obj, Mapping):
+    return {k: strict_json(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [strict_json(v) for v in obj]
+  if isinstance(obj, np.generic):
+    return strict_json(obj.item())
+  return obj
+
+
+def dumps(obj: Any, **kwargs) -> str:
+  """Strict JSON text of `obj` (non-finite floats as null; see `strict_json`)."""
+  return json.dumps(strict_json(obj), allow_nan=False, **kwargs)
+
+
+def read_metrics(path: str) -> list[dict[str, Any]]:
+  """The rows of a metrics.jsonl file, skipping lines that are not a JSON object (a line cut
+  short by a crash, garbage); NaN / Infinity tokens written by older versions are accepted.
+
+  Returns:
+    [row dict] in file order ([] when the file does not exist).
+  """
+  rows = []
+  if not os.path.exists(path):
+    return rows
+  with open(path, "rb") as f:
+    for line in f:
+      try:
+        row = json.loads(line.decode("utf-8"))
+      except (ValueError, UnicodeDecodeError):
+        continue
+      if isinstance(row, dict):
+        rows.append(row)
+  return rows
+
+
 def format_line(m: Mapping[str, Any]) -> str:
   parts = []
   for key, label, fmt in _SHOWN:
-    if key in m:
-      parts.append(f"{label} {fmt.format(m[key])}")
+    v = m.get(key)
+    if isinstance(v, (int, float)) and np.isfinite(v):
+      parts.append(f"{label} {fmt.format(v)}")
+    elif key in m:
+      parts.append(f"{label} {v}")
   return " | ".join(parts)
 
 
@@ -62,12 +106,13 @@ class MetricsWriter:
       self._tb = SummaryWriter(logdir=workdir)
 
   def write(self, metrics: Mapping[str, Any]) -> None:
-    """Appends `metrics` (a dict with an int "step" for TensorBoard; arrays become lists)."""
-    m = to_python(metrics)
+    """Appends `metrics` (a dict with an int "step" for TensorBoard; arrays become lists,
+    non-finite floats null: the file is strict JSON, one object per line)."""
+    m = strict_json(to_python(metrics))
     with open(self.path, "a") as f:
-      f.write(json.dumps(m) + "\n")
+      f.write(dumps(m) + "\n")
     if self._tb is not None and isinstance(m.get("step"), int):
-      for k, v in m.items():
+      for k, v in m.items():  # non-finite values are None here: not written
         if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
           self._tb.add_scalar(k, v, global_step=m["step"])
       self._tb.flush()

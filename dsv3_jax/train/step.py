@@ -105,15 +105,17 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
 
 def make_optimizer(train_cfg) -> optax.GradientTransformation:
   """AdamW with linear warmup and cosine decay to min_learning_rate_ratio * peak, global-norm
-  clipping, and weight decay on matrices only (not on norms' scales or 1-D vectors)."""
+  clipping at `grad_clip_norm` (0 turns clipping off), and weight decay on matrices only (not on
+  norms' scales or 1-D vectors)."""
   t = train_cfg
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=t.learning_rate, warmup_steps=t.warmup_steps,
       decay_steps=max(t.steps, t.warmup_steps + 1),
       end_value=t.learning_rate * t.min_learning_rate_ratio)
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  clip = [clip_by_global_norm(t.grad_clip_norm)] if t.grad_clip_norm else []  # 0: no clipping
   return optax.chain(
-      clip_by_global_norm(t.grad_clip_norm),
+      *clip,
       optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay_mask))
 
 
@@ -199,7 +201,9 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_fn: 
   Returns:
     train_step(params, other, opt_state, data, capacity) -> (params, other, opt_state, metrics),
     jitted with `capacity` (tuple of ints, per-hop buffer rows) static. `metrics`: the loss
-    metrics averaged over devices, the dispatch totals of `_dispatch_totals`, "grad_norm".
+    metrics averaged over devices, the dispatch totals of `_dispatch_totals`, "grad_norm"
+    (before clipping) and "skipped" (1.0 when the gradient norm or the metrics' "total_loss"
+    was not finite: the step then returns the state it was given, nothing updated).
 
   Raises:
     ValueError: a bad `grad_sum`, or grad_sum="per_axis" without the shardings.
@@ -245,15 +249,24 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_fn: 
     return grads, metrics
 
   def apply(params, other, opt_state, grads, metrics):
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    model = nnx.merge(graphdef, params, other)
+    grad_norm = global_norm(grads)
+    updates, new_opt = optimizer.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    model = nnx.merge(graphdef, new_params, other)
     for moe, counts in zip(moe_layers(model), metrics["expert_counts"]):
       b = moe.gate.e_score_correction_bias
       b[...] = bias_update(b[...], counts, gamma)
-    other = nnx.state(model, nnx.Not(nnx.Param))
-    metrics["grad_norm"] = global_norm(grads)
-    return params, other, opt_state, metrics
+    new_other = nnx.state(model, nnx.Not(nnx.Param))
+    # A non-finite loss or gradient norm skips the whole update (parameters, optimizer state,
+    # router biases stay as they were); the trainer counts and stops on repeated ones.
+    finite = jnp.isfinite(grad_norm)
+    if "total_loss" in metrics:
+      finite = finite & jnp.isfinite(metrics["total_loss"])
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    metrics["grad_norm"] = grad_norm
+    metrics["skipped"] = jnp.logical_not(finite).astype(jnp.float32)
+    return (keep(new_params, params), keep(new_other, other), keep(new_opt, opt_state),
+            metrics)
 
   if mode == "per_axis":
     def per_device_step(params, other, opt_state, data, capacity):

@@ -32,6 +32,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from dsv3_jax.model.config import ModelConfig
 from dsv3_jax.model.transformer import Transformer
 from dsv3_jax.parallel.dispatch import EPTopology
+from dsv3_jax.train import integrity
+from dsv3_jax.train import metrics as metrics_lib
 from dsv3_jax.train.losses import (Batch, LossOutput, bias_update, compute_losses,  # noqa: F401
                                    cross_entropy, make_batch)
 from dsv3_jax.train.step import (GRAD_SUMS, StepFns, make_optimizer,  # noqa: F401
@@ -52,8 +54,15 @@ def grow_capacity(capacity: tuple[int, ...], needed: np.ndarray, worst: tuple[in
 # ----------------------------------------------------------------------------- the job
 
 
-def validate(cfg) -> ModelConfig:
+def _number(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def validate(cfg, log: Optional[Callable[[str], None]] = None) -> ModelConfig:
   """Checks a training ConfigDict before any work is done or any file is written.
+
+  Settings that are legal but probably not meant (train.steps < train.warmup_steps) are
+  reported through `log` as a warning.
 
   Raises:
     ValueError / FileNotFoundError: naming the setting and the allowed values.
@@ -61,6 +70,11 @@ def validate(cfg) -> ModelConfig:
   from dsv3_jax.train import data as data_lib
 
   model_cfg = ModelConfig.from_dict(cfg.model.to_dict())
+  m = cfg.model
+  if not _number(m.rope_theta) or m.rope_theta <= 0:
+    raise ValueError(f"model.rope_theta must be a number > 0 (RoPE base), got {m.rope_theta!r}")
+  if not _number(m.rms_norm_eps) or m.rms_norm_eps <= 0:
+    raise ValueError(f"model.rms_norm_eps must be > 0, got {m.rms_norm_eps!r}")
   nodes, gpus = cfg.mesh.nodes, cfg.mesh.gpus_per_node
   for name, v in (("mesh.nodes", nodes), ("mesh.gpus_per_node", gpus)):
     if not isinstance(v, int) or v < 1:
@@ -90,8 +104,33 @@ def validate(cfg) -> ModelConfig:
                      f"of the mesh (data parallelism); allowed: multiples of {n_dev}")
   if not isinstance(t.warmup_steps, int) or t.warmup_steps < 0:
     raise ValueError(f"train.warmup_steps must be >= 0, got {t.warmup_steps!r}")
-  if t.learning_rate <= 0:
+  if not _number(t.learning_rate) or t.learning_rate <= 0:
     raise ValueError(f"train.learning_rate must be > 0, got {t.learning_rate}")
+  checks = (  # (setting, ok, allowed)
+      ("min_learning_rate_ratio", lambda v: 0 <= v <= 1, "[0, 1]"),
+      ("weight_decay", lambda v: v >= 0, ">= 0"),
+      ("b1", lambda v: 0 <= v < 1, "[0, 1)"),
+      ("b2", lambda v: 0 <= v < 1, "[0, 1)"),
+      ("grad_clip_norm", lambda v: v >= 0, ">= 0 (0 turns clipping off)"),
+      ("bias_update_speed", lambda v: v >= 0, ">= 0"),
+      ("balance_loss_alpha", lambda v: v >= 0, ">= 0"),
+      ("mtp_loss_weight", lambda v: v >= 0, ">= 0"),
+  )
+  for name, ok, allowed in checks:
+    v = t[name]
+    if not _number(v) or not ok(v):
+      raise ValueError(f"train.{name}={v!r}; allowed: {allowed}")
+  for name, default, low in (("max_nonfinite_steps", 3, 1), ("sdc_check_every", 0, 0)):
+    v = t.get(name, default)
+    if not isinstance(v, int) or isinstance(v, bool) or v < low:
+      raise ValueError(f"train.{name} must be an integer >= {low}, got {v!r}")
+  if t.warmup_steps > t.steps and log is not None:
+    log(f"warning: train.warmup_steps={t.warmup_steps} > train.steps={t.steps}: the learning "
+        "rate never reaches train.learning_rate")
+  ev = cfg.data.eval_sequences
+  if not isinstance(ev, int) or isinstance(ev, bool) or ev < 1:
+    raise ValueError(f"data.eval_sequences must be a positive integer (held-out windows), "
+                     f"got {ev!r}")
   seq = cfg.data.seq_len
   if not isinstance(seq, int) or not 1 <= seq <= model_cfg.max_position_embeddings:
     raise ValueError(f"data.seq_len={seq!r}; allowed: 1..model.max_position_embeddings="
@@ -146,6 +185,7 @@ class _Job:
   dataset: Any  # dataset[step] -> [B, S + 1 + D] int32 training windows
   n_dev: int
   fns: StepFns
+  mesh: Any  # the jax Mesh, or None on one device
   put: Callable  # host [B, L] batch -> device array (sharded over the mesh)
   moe0: Any  # the first DeepSeekMoE layer (capacities, payload codecs), or None
   tokens_per_step: int
@@ -205,7 +245,7 @@ def _build(cfg, model_cfg: ModelConfig, log) -> _Job:
   tokens_per_step = t.batch_size * seq
   return _Job(
       cfg=cfg, model_cfg=model_cfg, entropies=entropies, windows=windows, dataset=dataset,
-      n_dev=n_dev, fns=fns, put=put, moe0=moe0, tokens_per_step=tokens_per_step,
+      n_dev=n_dev, fns=fns, mesh=mesh, put=put, moe0=moe0, tokens_per_step=tokens_per_step,
       worst=moe0.worst_case_capacity(tokens_per_step) if moe0 else (1,),
       initial_capacity=moe0.initial_capacity(tokens_per_step) if moe0 else (1,),
       state={"params": params, "other": other, "opt_state": opt_state})
@@ -226,6 +266,12 @@ def _restore(job: _Job, ckpt, log) -> tuple[dict, tuple[int, ...], int]:
   return state, capacity, start
 
 
+class TrainingStopped(RuntimeError):
+  """The run stopped before train.steps: non-finite steps in a row, a non-finite state that
+  would have been checkpointed, or replicas that disagree (silent data corruption). The
+  message says which, at what step, and where the last good checkpoint is."""
+
+
 @dataclasses.dataclass
 class _Run:
   """What the step loop leaves behind."""
@@ -237,11 +283,18 @@ class _Run:
   step_times: list = dataclasses.field(default_factory=list)  # seconds, later steps
   last: dict = dataclasses.field(default_factory=dict)  # the last logged metrics
   heldout: Optional[float] = None  # the last held-out loss, nats/byte
+  nonfinite_steps: int = 0  # steps skipped for a non-finite loss / gradient norm (this run)
+  nonfinite_in_a_row: int = 0
+  sdc_checks: int = 0
+  sdc_check_s: list = dataclasses.field(default_factory=list)  # seconds per check
+  checkpoint_save_s: list = dataclasses.field(default_factory=list)  # seconds per save
+  checkpoint_restore_s: Optional[float] = None
 
 
 def _train_step(job: _Job, run: _Run, window) -> dict:
   """One applied step (dropless: recomputed with a larger capacity while it would drop);
-  updates `run` and returns the step's metrics on the host."""
+  updates `run` and returns the step's metrics on the host. A step with a non-finite loss or
+  gradient norm leaves the state as it was (the step function skips it) and is counted."""
   fns, s = job.fns, run.state
   while True:
     cached = fns.train_step._cache_size()
@@ -250,6 +303,12 @@ def _train_step(job: _Job, run: _Run, window) -> dict:
     metrics = jax.device_get(metrics)
     compiled = fns.train_step._cache_size() != cached
     run.recompiles += int(compiled and run.first_step_s is not None)
+    if float(metrics.get("skipped", 0.0)):
+      run.nonfinite_steps += 1
+      run.nonfinite_in_a_row += 1
+      run.state = {"params": new_params, "other": new_other, "opt_state": new_opt}  # unchanged
+      return metrics
+    run.nonfinite_in_a_row = 0
     needed = np.asarray(metrics["needed_capacity"])
     if job.cfg.train.dropless and np.any(needed > np.asarray(run.capacity)):
       run.capacity = grow_capacity(run.capacity, needed, job.worst)  # discard, recompute
@@ -270,36 +329,87 @@ def _loop(job: _Job, run: _Run, start: int, ckpt, writer, *, progress: bool, log
   write = pbar.write if progress else log
   evaluate = lambda: _eval_loss(job.fns, run.state["params"], run.state["other"], job.windows,
                                 t.batch_size, run.capacity, job.worst, job.put)
+  max_bad = t.get("max_nonfinite_steps", 3)
+  sdc_every = t.get("sdc_check_every", 0)
+  checker = None
   for step in range(start, t.steps):
     window = job.put(job.dataset[step])
     t0 = time.perf_counter()
     metrics = _train_step(job, run, window)
     dt = time.perf_counter() - t0
+    if run.nonfinite_in_a_row:
+      write(f"step {step + 1}: non-finite loss {metrics.get('total_loss')} / gradient norm "
+            f"{metrics.get('grad_norm')}: update skipped ({run.nonfinite_in_a_row} in a row, "
+            f"stop at train.max_nonfinite_steps={max_bad})")
+    stop = run.nonfinite_in_a_row >= max_bad
     if run.first_step_s is None:
       run.first_step_s = dt  # includes compilation
     else:
       run.step_times.append(dt)
     pbar.update(1)
     done = step + 1
-    if done % t.log_every == 0 or done == t.steps:
+    if done % t.log_every == 0 or done == t.steps or stop:
       recent = run.step_times[-t.log_every:] or [dt]
       st = float(np.median(recent))
       run.last = dict(to_python(metrics), step=done, step_time_s=st,
                       tokens_per_s=job.tokens_per_step / st, capacity=list(run.capacity),
-                      recompiles=run.recompiles,
+                      recompiles=run.recompiles, nonfinite_steps=run.nonfinite_steps,
                       **_link_bytes(metrics, job.moe0, job.model_cfg))
       writer.write(run.last)
       write(format_line(run.last))
+    if stop:
+      raise TrainingStopped(
+          f"stopped at step {done}: the loss or gradient norm was not finite for "
+          f"{run.nonfinite_in_a_row} steps in a row (train.max_nonfinite_steps={max_bad}); "
+          f"no update was applied for them. {_last_checkpoint(ckpt)}. Try a lower "
+          f"train.learning_rate (now {t.learning_rate}) or check the data and model settings")
     if done % t.eval_every == 0 or done == t.steps:
       run.heldout = evaluate()
       writer.write({"step": done, "heldout_loss": run.heldout})
       write(f"step {done} | held-out loss {run.heldout:.4f} nats/byte")
-    if done % t.checkpoint_every == 0 or done == t.steps:
+    saving = done % t.checkpoint_every == 0 or done == t.steps
+    if job.mesh is not None and sdc_every and (done % sdc_every == 0 or saving):
+      checker = checker or _sdc_checker(job, run)
+      _sdc_check(checker, run, done, ckpt)
+    if saving:
+      bad = integrity.nonfinite_leaves(run.state)
+      if bad:
+        raise TrainingStopped(
+            f"stopped at step {done}: the state to checkpoint holds non-finite values in "
+            f"{len(bad)} leaves ({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''}); not "
+            f"saved. {_last_checkpoint(ckpt)}")
+      t0 = time.perf_counter()
       ckpt.save(done, run.state, {"step": done, "capacity": list(run.capacity)}, force=True)
+      run.checkpoint_save_s.append(time.perf_counter() - t0)
   pbar.close()
   if run.heldout is None:  # resumed a finished run: evaluate what was restored
     run.heldout = evaluate()
   return run
+
+
+def _last_checkpoint(ckpt) -> str:
+  step = ckpt.latest_step()
+  if step is None:
+    return "No checkpoint was written"
+  return (f"The newest checkpoint is step {step} in {ckpt.directory} (every checkpoint holds "
+          "finite values only); rerunning resumes from it")
+
+
+def _sdc_checker(job: _Job, run: _Run):
+  return integrity.ReplicaChecker(run.state, job.mesh)
+
+
+def _sdc_check(checker, run: _Run, step: int, ckpt) -> None:
+  """Compares every replicated leaf's per-device checksums; stops the run on a mismatch."""
+  t0 = time.perf_counter()
+  bad = checker.check(run.state)
+  run.sdc_check_s.append(time.perf_counter() - t0)
+  run.sdc_checks += 1
+  if bad:
+    raise TrainingStopped(
+        f"stopped at step {step}: silent data corruption: replicas that must be bit-identical "
+        f"differ: {integrity.describe_mismatch(bad)}. Not checkpointed. "
+        f"{_last_checkpoint(ckpt)}; check or exclude the named device(s)")
 
 
 def _summarize(job: _Job, run: _Run, start: int, log) -> dict:
@@ -313,7 +423,12 @@ def _summarize(job: _Job, run: _Run, start: int, log) -> dict:
       step_time_s=float(np.median(times)),
       tokens_per_s=job.tokens_per_step / float(np.median(times)),
       first_step_s=run.first_step_s, recompiles=run.recompiles, capacity=list(run.capacity),
-      devices=job.n_dev, tokens_per_step=job.tokens_per_step, final=run.last)
+      devices=job.n_dev, tokens_per_step=job.tokens_per_step,
+      nonfinite_steps=run.nonfinite_steps, sdc_checks=run.sdc_checks,
+      sdc_check_s=float(np.median(run.sdc_check_s)) if run.sdc_check_s else None,
+      checkpoint_save_s=(float(np.median(run.checkpoint_save_s)) if run.checkpoint_save_s
+                         else None),
+      checkpoint_restore_s=run.checkpoint_restore_s, final=run.last)
   summary_path = os.path.join(t.workdir, "summary.json")
   if run.first_step_s is None and os.path.exists(summary_path):
     # Resumed a finished run: no step ran now, so keep the timings of the run that trained it.
@@ -323,7 +438,7 @@ def _summarize(job: _Job, run: _Run, start: int, log) -> dict:
       if key in before:
         summary[key] = before[key]
   with open(summary_path, "w") as f:
-    json.dump(summary, f, indent=2)
+    f.write(metrics_lib.dumps(summary, indent=2))
   log(f"held-out loss {run.heldout:.4f} nats/byte (bigram entropy {h2:.3f}) | step "
       f"{summary['step_time_s']:.3f} s | {summary['tokens_per_s']:.0f} tokens/s")
   return summary
@@ -341,11 +456,14 @@ def train(cfg, *, progress: bool = True, log: Callable[[str], None] = print) -> 
 
   Raises:
     ValueError / FileNotFoundError: a bad config, before any file is written.
+    TrainingStopped: train.max_nonfinite_steps non-finite steps in a row, a non-finite state
+      at a checkpoint, or a replica mismatch (train.sdc_check_every); checkpoints written
+      before stay (all finite), and rerunning resumes from the newest.
   """
   from dsv3_jax.train.checkpoint import Checkpointer
   from dsv3_jax.train.metrics import MetricsWriter
 
-  model_cfg = validate(cfg)
+  model_cfg = validate(cfg, log)
   job = _build(cfg, model_cfg, log)
   t = cfg.train
   os.makedirs(t.workdir, exist_ok=True)
@@ -355,9 +473,11 @@ def train(cfg, *, progress: bool = True, log: Callable[[str], None] = print) -> 
   with open(os.path.join(t.workdir, "config.json"), "w") as f:
     f.write(cfg.to_json(indent=2))
   writer = MetricsWriter(t.workdir)
-  run = _loop(job, _Run(state, capacity), start, ckpt, writer, progress=progress, log=log)
-  writer.close()
-  ckpt.close()
+  try:
+    run = _loop(job, _Run(state, capacity), start, ckpt, writer, progress=progress, log=log)
+  finally:
+    writer.close()
+    ckpt.close()
   return _summarize(job, run, start, log)
 
 
