@@ -170,8 +170,10 @@ class StepFunctions:
       self.decode = jax.jit(self._decode_local, donate_argnums=(1,))
       self.pool_sharding = None
       self.sample = jax.jit(self._sample)
-      self._generate = functools.partial(jax.jit, donate_argnums=(1,), static_argnames=(
-          "n_steps", "sampled", "want_logits"))(self._generate_local)
+      self._generate = jax.jit(
+          lambda state, pools, *args: self._generate_local(
+              state, pools, *args[:9], n_steps=args[9], sampled=args[10], want_logits=args[11]),
+          donate_argnums=(1,), static_argnums=(11, 12, 13))
     else:
       axes = tuple(mesh.axis_names)
       for moe in model.moe_layers:
@@ -202,14 +204,13 @@ class StepFunctions:
                             out_shardings=(batch, batch, pools_sh))
       self.sample = jax.jit(self._sample, in_shardings=(batch,) * 6, out_shardings=batch)
 
-      def gen(state, pools, *args, n_steps, sampled, want_logits):
-        fn = functools.partial(self._generate_local, n_steps=n_steps, sampled=sampled,
-                               want_logits=want_logits)
+      def gen(state, pools, *args):
+        fn = functools.partial(self._generate_local, n_steps=args[9], sampled=args[10],
+                               want_logits=args[11])
         return jax.shard_map(fn, mesh=mesh, in_specs=(st_spec, pool_specs) + (rows,) * 9,
-                             out_specs=(rows, rows, pool_specs))(state, pools, *args)
+                             out_specs=(rows, rows, pool_specs))(state, pools, *args[:9])
 
-      self._generate = jax.jit(gen, donate_argnums=(1,),
-                               static_argnames=("n_steps", "sampled", "want_logits"),
+      self._generate = jax.jit(gen, donate_argnums=(1,), static_argnums=(11, 12, 13),
                                in_shardings=(st_sh, pools_sh) + (batch,) * 9,
                                out_shardings=(batch, batch, pools_sh))
       self.state = jax.device_put(self.state, st_sh)
@@ -219,8 +220,8 @@ class StepFunctions:
     """Jitted multi-step decode (see `_generate_local`); one compilation per shape bucket,
     n_steps and sampled / want_logits flag."""
     return self._generate(state, pools, tokens, start, remaining, stop_ids, page_table,
-                          temperature, top_k, top_p, key_data, n_steps=n_steps, sampled=sampled,
-                          want_logits=want_logits)
+                          temperature, top_k, top_p, key_data, int(n_steps), bool(sampled),
+                          bool(want_logits))
 
   def init_pools(self) -> tuple[jax.Array, ...]:
     """Zeroed pools, placed for this mesh."""

@@ -31,7 +31,7 @@ def test_generation_on_a_4x2_mesh_with_two_hop_dispatch_matches_transformers():
     assert rel.max() < 1e-4
   # one sequence per device: the scheduler spread them over four devices
   assert len({engine._done[o.request_id].shard for o in outs}) == 4
-  assert engine.compiles == {"prefill": 1, "decode": 1}
+  assert engine.compiles == {"prefill": 1, "generate": 1}
 
 
 def test_mesh_settings_are_checked_before_any_work():
