@@ -330,9 +330,11 @@ class StepFunctions:
       alive = alive & ~stop & (count < remaining)
       return (pools, jnp.maximum(nxt, 0), pos + 1, alive, count, out, out_logits)
 
-    init = (tuple(pools), tokens, start, remaining > 0, jnp.zeros((b,), jnp.int32),
-            jnp.full((b, n_steps), -1, jnp.int32),
-            jnp.zeros((b, n_steps if want_logits else 0, v), jnp.float32))
+    zero = tokens * 0  # derived from an input: per-device ("varying") inside shard_map
+    init = (tuple(pools), tokens, start, remaining > 0, zero,
+            jnp.broadcast_to(zero[:, None] - 1, (b, n_steps)),
+            jnp.broadcast_to(zero[:, None, None].astype(jnp.float32),
+                             (b, n_steps if want_logits else 0, v)))
     if n_steps == 1:
       carry = body(0, init)
     else:  # stops early once every sequence is done

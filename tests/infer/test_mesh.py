@@ -18,7 +18,7 @@ def test_generation_on_a_4x2_mesh_with_two_hop_dispatch_matches_transformers():
   mesh = make_mesh(4, 2)  # 16 experts, 2 per device; n_group 4 = nodes
   config, model = load_hf(REF)
   model = for_mesh(model, mesh, config.replace(dispatch="two_hop"))
-  engine = Engine(model, mesh=mesh, max_batch=8, page_size=16, batch_buckets=(1,),
+  engine = Engine(model, mesh=mesh, max_batch=8, page_size=16, decode_steps=4, batch_buckets=(1,),
                   page_buckets=(8,), prompt_buckets=(32,))
   assert engine.pools[0].sharding.spec[0] == ("node", "gpu")  # pages live on their device
   ref = np.load(os.path.join(REF, "generation.npz"))
