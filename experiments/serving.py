@@ -7,8 +7,8 @@ batch 32 (29 ms per step) and ~280 tokens/s at batch 1 (3.6 ms per token), refer
 quoted in the issue (transformers is not installed here). The targets: >= 3x the PyTorch
 tokens/s at batch 32, a lower time per token at batch 1.
 
-Model: the main job's checkpoint (runs/orion_4x8) when it exists (realistic routing), else the
-tiny model at random initialisation (same dims, same work per token). For each batch size and
+Model: the main job's checkpoint (runs/orion_4x8) when that run has finished (realistic
+routing), else the tiny model at random initialisation (same dims, same work per token). For each batch size and
 each `decode_steps` (decode steps per jitted call: 1 = one call per token) the script warms up
 (one full generation compiles every shape bucket it uses), then times `--repeats` identical
 generations and keeps the fastest (the machine is shared: the minimum is the least disturbed
@@ -45,7 +45,7 @@ def _model(workdir):
   from dsv3_jax.model.config import ModelConfig
   from dsv3_jax.model.transformer import Transformer
 
-  if workdir and os.path.isdir(os.path.join(workdir, "checkpoints")):
+  if workdir and os.path.isfile(os.path.join(workdir, "summary.json")):  # a finished run
     from dsv3_jax.train.trainer import load_trained
     _, model, step = load_trained(workdir)
     return model, f"{workdir} (step {step})"
