@@ -54,8 +54,15 @@ def _model(workdir):
 
 
 def _prompts(batch, length, vocab, seed=0):
+  """Byte windows of this Python's standard library sources (the main job's kind of text) for
+  a byte-level model; random ids otherwise."""
   import numpy as np
   rng = np.random.default_rng(seed)
+  if vocab == 256:
+    import argparse as src_a, collections as src_c, inspect as src_i
+    text = b"".join(open(m.__file__, "rb").read() for m in (src_a, src_c, src_i))
+    starts = rng.integers(0, len(text) - length, batch)
+    return [list(text[s:s + length]) for s in starts]
   return [rng.integers(1, vocab, length).tolist() for _ in range(batch)]
 
 
@@ -158,7 +165,8 @@ def main() -> None:
       f"{' '.join(map(str, args.decode_steps))}` on {machine}; model: {source}. Float32, "
       f"prompts of {args.prompt} tokens, {args.new_tokens} new tokens, greedy, one device, "
       "paged latent cache (16-token pages), absorbed MLA decode. Fastest of "
-      f"{args.repeats} timed generations after a warm-up one (median in brackets); the "
+      f"{args.repeats} timed generations after a warm-up one (median in brackets); prompts are "
+      "byte windows of this Python's standard library sources; the "
       "machine is shared with other jobs (1-minute load average in the last column).",
       "",
       "| batch | decode steps per call | decode tokens/s | ms per step | vs PyTorch | "
