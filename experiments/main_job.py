@@ -20,11 +20,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def write_results(workdir: str, out_dir: str) -> str:
   """Tables and figure from <workdir>/metrics.jsonl and summary.json; returns the .md path."""
-  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  from dsv3_jax.train.metrics import read_metrics
+
+  # Garbled lines (a crash mid-write) are skipped; a step logged twice (older versions
+  # appended the steps a crashed run redid) counts once, its last row.
+  rows = read_metrics(os.path.join(workdir, "metrics.jsonl"))
   summary = json.load(open(os.path.join(workdir, "summary.json")))
   config = json.load(open(os.path.join(workdir, "config.json")))
-  train = [r for r in rows if "loss" in r]
-  evals = [r for r in rows if "heldout_loss" in r]
+  last = lambda rs: sorted({r["step"]: r for r in rs}.values(), key=lambda r: r["step"])
+  train = last(r for r in rows if "loss" in r and isinstance(r.get("step"), int))
+  evals = last(r for r in rows if "heldout_loss" in r and isinstance(r.get("step"), int))
   os.makedirs(out_dir, exist_ok=True)
   base = os.path.join(out_dir, "main_job")
   keys = ["step", "loss", "mtp_loss", "balance_loss", "expert_load_max_over_mean",

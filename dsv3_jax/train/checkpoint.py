@@ -1,26 +1,67 @@
 """Checkpoints with orbax: the train state (params, router biases, optimizer state) as a pytree
-of arrays plus JSON metadata (step, MoE capacity, config), saved every N steps; the newest is
-restored on start so that rerunning a job resumes it."""
+of arrays plus JSON metadata (step, MoE capacity, per-leaf content checksums), saved every N
+steps; the newest intact one is restored on start so that rerunning a job resumes it.
+
+Every save records, in the `meta` item, each leaf's shape, dtype and BLAKE2b digest
+(`integrity.leaf_checksums`); `restore` reads `meta` first, refuses a checkpoint whose leaves do
+not match the model being built (`CheckpointMismatch`: another config), then restores `state`
+and compares the digests. Anything that cannot be read back or does not match its digests
+(a truncated or overwritten data file, flipped bytes, a missing item, garbled metadata) raises
+`CheckpointDamaged` naming the step and the item; the trainer moves such a step aside and falls
+back to the next older one.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
+import time
 from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
 
+from dsv3_jax.train import integrity
+
+
+class CheckpointDamaged(ValueError):
+  """A checkpoint step that cannot be read back intact: `step`, `item` ('state' or 'meta')
+  and `reason`."""
+
+  def __init__(self, directory: str, step: int, item: str, reason: str):
+    self.directory, self.step, self.item, self.reason = directory, step, item, reason
+    super().__init__(f"checkpoint step {step} in {directory} is damaged (item '{item}': "
+                     f"{reason})")
+
+
+class CheckpointMismatch(ValueError):
+  """A checkpoint that is intact but holds another model's state (another config)."""
+
+
+def _short(e: BaseException, n: int = 240) -> str:
+  text = " ".join(f"{type(e).__name__}: {e}".split())
+  text = text.split(" See full TensorStore details")[0]  # a long spec dump follows
+  return text if len(text) <= n else text[:n] + " ..."
+
 
 class Checkpointer:
-  """orbax CheckpointManager for one run directory (`<workdir>/checkpoints`)."""
+  """orbax CheckpointManager for one run directory (`<workdir>/checkpoints`).
+
+  Attributes:
+    save_s, checksum_s: seconds of the last `save` (blocking part, orbax writes the files in the
+      background) and of the checksums in it.
+    restore_s, verify_s: seconds of the last `restore` and of the checksum comparison in it.
+  """
 
   def __init__(self, workdir: str, *, save_every: int, max_to_keep: int = 2):
-    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.workdir = os.path.abspath(workdir)
+    self.directory = os.path.join(self.workdir, "checkpoints")
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
                                              save_interval_steps=save_every, create=True),
         item_names=("state", "meta"))
+    self.save_s = self.checksum_s = self.restore_s = self.verify_s = None
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
@@ -29,27 +70,86 @@ class Checkpointer:
     return sorted(self.manager.all_steps())
 
   def save(self, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
-    """Saves when `step` is on the interval (or `force`); returns whether it saved."""
-    return self.manager.save(step, args=ocp.args.Composite(
+    """Saves when `step` is on the interval (or `force`), with the state's checksums in
+    `meta["checksums"]`; returns whether it saved."""
+    t0 = time.perf_counter()
+    meta = dict(meta, checksums=integrity.leaf_checksums(state))
+    t1 = time.perf_counter()
+    saved = self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+    self.checksum_s, self.save_s = t1 - t0, time.perf_counter() - t0
+    return saved
 
   def restore(self, step: int, target: Any) -> tuple[Any, dict]:
     """Restores into the structure, dtypes and shardings of `target` (arrays or
-    jax.ShapeDtypeStruct with .sharding).
+    jax.ShapeDtypeStruct with .sharding) and verifies the content checksums.
+
+    Returns:
+      (state, meta) with the checksums removed from meta.
 
     Raises:
-      ValueError: the checkpoint does not fit `target` (made with another config).
+      CheckpointMismatch: the checkpoint holds leaves of other names / shapes / dtypes than
+        `target` (made with another config).
+      CheckpointDamaged: an item cannot be read or its content does not match its checksums.
     """
+    t0 = time.perf_counter()
+    try:
+      meta = self.manager.restore(step, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore())).meta
+      if not isinstance(meta, dict) or "step" not in meta:
+        raise ValueError(f"not the expected JSON object (got {type(meta).__name__})")
+    except Exception as e:  # noqa: BLE001 -- orbax / json raise many types
+      raise CheckpointDamaged(self.directory, step, "meta", _short(e)) from e
+    sums = meta.pop("checksums", None)
+    if sums is not None:
+      want = {k: v for k, v in sums.items()}
+      have = {n: (list(x.shape), str(x.dtype)) for n, x in integrity.named_leaves(target)}
+      missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+      shapes = [f"{n}: stored {want[n]['dtype']}{want[n]['shape']}, this config "
+                f"{have[n][1]}{have[n][0]}" for n in sorted(set(want) & set(have))
+                if (want[n]["shape"], want[n]["dtype"]) != have[n]]
+      if missing or extra or shapes:
+        parts = shapes[:3] + [f"only in the checkpoint: {missing[:3]}"] * bool(missing) + [
+            f"only in this config: {extra[:3]}"] * bool(extra)
+        raise CheckpointMismatch(
+            f"the checkpoint at {self.directory} (step {step}) holds another model's state "
+            f"({'; '.join(parts)}); choose another train.workdir for this config (the run in "
+            "this one is kept)")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     try:
-      out = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-    except Exception as e:  # orbax raises several types for a structure / shape mismatch
-      raise ValueError(
-          f"the checkpoint at {self.directory} (step {step}) does not match this config "
-          f"({type(e).__name__}: {str(e)[:300]}); choose another train.workdir or remove that "
-          "directory") from e
-    return out.state, out.meta
+      state = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract))).state
+    except Exception as e:  # noqa: BLE001
+      if sums is None:  # an old checkpoint without checksums: cannot tell damage from mismatch
+        raise CheckpointMismatch(
+            f"the checkpoint at {self.directory} (step {step}) does not fit this config "
+            f"({_short(e, 300)}); choose another train.workdir") from e
+      raise CheckpointDamaged(self.directory, step, "state", _short(e)) from e
+    t1 = time.perf_counter()
+    if sums is not None:
+      structure, content = integrity.compare_checksums(sums, state)
+      if structure or content:
+        bad = (content + structure)[:3]
+        raise CheckpointDamaged(
+            self.directory, step, "state",
+            f"content checksum mismatch in {len(content) + len(structure)} leaves: "
+            f"{', '.join(bad)}{', ...' if len(content) + len(structure) > 3 else ''}")
+    self.restore_s, self.verify_s = time.perf_counter() - t0, time.perf_counter() - t1
+    return state, meta
+
+  def set_aside(self, step: int) -> str:
+    """Moves step `step` out of the checkpoint directory to `<workdir>/checkpoints_damaged/`
+    (kept for inspection, never deleted); returns the new path."""
+    src = os.path.join(self.directory, str(step))
+    dest_root = os.path.join(self.workdir, "checkpoints_damaged")
+    os.makedirs(dest_root, exist_ok=True)
+    dest = os.path.join(dest_root, str(step))
+    n = 1
+    while os.path.exists(dest):
+      dest, n = os.path.join(dest_root, f"{step}.{n}"), n + 1
+    shutil.move(src, dest)
+    self.manager.reload()
+    return dest
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

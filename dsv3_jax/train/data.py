@@ -6,8 +6,18 @@ every `*.py` file, test directories and `test_*.py` files excluded: about 13 MB 
 so a fresh machine trains on real text with nothing downloaded. `config.data.paths` points at
 other text files or directories instead.
 
-Files are split into train and held-out by a hash of their path relative to their root
-(deterministic across machines), then each split is concatenated with a NUL byte between files.
+The train / held-out split (`load_corpus`), deterministic across machines:
+
+* by file, when that works: a file is held out when the md5 of its path relative to its root,
+  read as a number in [0, 1), is below `data.heldout_fraction`; each split is the concatenation
+  of its files with a NUL byte between them. Used when both splits get at least one file and
+  at least one window (seq_len + 1 + MTP depth bytes) of text.
+* within files otherwise (one file, a few files, or a hash split that leaves a split empty):
+  the last `heldout_fraction` of every file's bytes is held out and the rest trains; when that
+  gives less than one window of held-out text, the last window of the whole text is held out.
+  Any text of at least two windows (one to train on, one to evaluate) works.
+
+Empty files are skipped; text too short for a split raises, naming the files and the split.
 """
 
 from __future__ import annotations
@@ -97,33 +107,74 @@ def is_heldout(rel_path: str, fraction: float) -> bool:
 
 @dataclasses.dataclass
 class Corpus:
-  """Train and held-out byte streams (uint8), files joined by DOC_SEPARATOR."""
+  """Train and held-out byte streams (uint8), files joined by DOC_SEPARATOR.
+
+  split: "files" (whole files held out by hash) or "within_files" (the tail of each file held
+    out); see the module docstring.
+  """
 
   train: np.ndarray
   heldout: np.ndarray
   n_train_files: int
   n_heldout_files: int
+  split: str = "files"
 
 
-def load_corpus(paths: Optional[Sequence[str]] = None, heldout_fraction: float = 0.05) -> Corpus:
-  """Reads and splits the corpus by file.
+def _names(files, limit: int = 3) -> str:
+  shown = [os.path.join(root, rel) for root, rel in files[:limit]]
+  return ", ".join(shown) + (f" and {len(files) - limit} more" if len(files) > limit else "")
+
+
+def load_corpus(paths: Optional[Sequence[str]] = None, heldout_fraction: float = 0.05,
+                window: int = 1) -> Corpus:
+  """Reads the corpus and splits it into train and held-out text (module docstring).
+
+  Args:
+    paths: as `list_corpus_files`.
+    heldout_fraction: share of files (split by file) or of each file's bytes (within files).
+    window: bytes of one training / evaluation window (seq_len + 1 + MTP depth); each split
+      must hold at least one.
 
   Raises:
-    ValueError: `heldout_fraction` outside (0, 1), or a split that ends up empty.
+    ValueError: `heldout_fraction` outside (0, 1), every file empty, or text shorter than two
+      windows (the message names the files and the split).
   """
   if not 0.0 < heldout_fraction < 1.0:
     raise ValueError(f"data.heldout_fraction must be in (0, 1), got {heldout_fraction}")
-  train, held = [], []
-  for root, rel in list_corpus_files(paths):
+  files = list_corpus_files(paths)
+  contents = []
+  for root, rel in files:
     with open(os.path.join(root, rel), "rb") as f:
-      data = f.read()
-    (held if is_heldout(rel, heldout_fraction) else train).append(data)
-  if not train or not held:
-    raise ValueError(f"data: {len(train)} train and {len(held)} held-out files; both splits need "
-                     "at least one file (add files or change data.heldout_fraction)")
+      contents.append(f.read())
+  nonempty = [(fr, c) for fr, c in zip(files, contents) if c]
+  if not nonempty:
+    raise ValueError(f"data: every file in data.paths is empty ({_names(files)}); both the "
+                     "train and the held-out split need text")
   sep = bytes([DOC_SEPARATOR])
   as_array = lambda parts: np.frombuffer(sep.join(parts), dtype=np.uint8)
-  return Corpus(as_array(train), as_array(held), len(train), len(held))
+  train = [(fr, c) for fr, c in nonempty if not is_heldout(fr[1], heldout_fraction)]
+  held = [(fr, c) for fr, c in nonempty if is_heldout(fr[1], heldout_fraction)]
+  joined = lambda part: sum(len(c) for _, c in part) + max(len(part) - 1, 0)
+  if train and held and joined(train) >= window and joined(held) >= window:
+    return Corpus(as_array([c for _, c in train]), as_array([c for _, c in held]), len(train),
+                  len(held), "files")
+  # Within files: the tail of every file is held out.
+  total = joined(nonempty)
+  if total < 2 * window:
+    raise ValueError(
+        f"data: the text in data.paths ({_names([fr for fr, _ in nonempty])}) is {total} bytes; "
+        f"the train and the held-out split need at least one window of {window} bytes each "
+        f"(data.seq_len + 1 + MTP depth), {2 * window} bytes in all: add text or lower "
+        "data.seq_len")
+  cuts = [len(c) - int(round(len(c) * heldout_fraction)) for _, c in nonempty]
+  tr = [c[:k] for (_, c), k in zip(nonempty, cuts) if k > 0]
+  he = [c[k:] for (_, c), k in zip(nonempty, cuts) if k < len(c)]
+  train_s, held_s = as_array(tr), as_array(he)
+  if len(held_s) < window or len(train_s) < window:
+    whole = as_array([c for _, c in nonempty])
+    train_s, held_s = whole[:-window], whole[-window:]
+  n = len(nonempty)
+  return Corpus(train_s, held_s, n, n, "within_files")
 
 
 def byte_entropies(stream: np.ndarray) -> tuple[float, float]:

@@ -57,12 +57,15 @@ def nonfinite_leaves(tree) -> list[str]:
 
 
 def _host(x) -> np.ndarray:
-  return np.ascontiguousarray(np.asarray(jax.device_get(x)))
+  a = np.asarray(jax.device_get(x))
+  return a if a.flags.c_contiguous else a.copy(order="C")  # (ascontiguousarray makes 0-d 1-d)
 
 
 def digest(a: np.ndarray) -> str:
   """Hex BLAKE2b-128 of an array's bytes (C order)."""
-  return hashlib.blake2b(np.ascontiguousarray(a).tobytes(), digest_size=16).hexdigest()
+  a = np.asarray(a)
+  return hashlib.blake2b((a if a.flags.c_contiguous else a.copy(order="C")).tobytes(),
+                         digest_size=16).hexdigest()
 
 
 def leaf_checksums(tree) -> dict[str, dict]:

@@ -199,12 +199,14 @@ def _load_data(cfg, model_cfg: ModelConfig, log):
   from dsv3_jax.train import data as data_lib
 
   dcfg, t = cfg.data, cfg.train
-  corpus = data_lib.load_corpus(dcfg.paths, dcfg.heldout_fraction)
-  h1, h2 = data_lib.byte_entropies(corpus.heldout)
-  log(f"data: {corpus.n_train_files} train files ({len(corpus.train) / 1e6:.2f} MB), "
-      f"{corpus.n_heldout_files} held-out ({len(corpus.heldout) / 1e6:.2f} MB); held-out byte "
-      f"entropy: unigram {h1:.3f}, bigram conditional {h2:.3f} nats")
   depth, seq = model_cfg.mtp_depth, dcfg.seq_len
+  corpus = data_lib.load_corpus(dcfg.paths, dcfg.heldout_fraction, window=seq + 1 + depth)
+  h1, h2 = data_lib.byte_entropies(corpus.heldout)
+  how = ("by file" if corpus.split == "files" else
+         f"within files: the last {dcfg.heldout_fraction:.0%} of each held out")
+  log(f"data: {corpus.n_train_files} train files ({len(corpus.train) / 1e6:.2f} MB), "
+      f"{corpus.n_heldout_files} held-out ({len(corpus.heldout) / 1e6:.2f} MB), split {how}; "
+      f"held-out byte entropy: unigram {h1:.3f}, bigram conditional {h2:.3f} nats")
   windows = data_lib.eval_windows(corpus.heldout, seq_len=seq, extra=depth,
                                   n=dcfg.eval_sequences)
   dataset = data_lib.train_dataset(corpus.train, seq_len=seq, extra=depth,
@@ -252,18 +254,32 @@ def _build(cfg, model_cfg: ModelConfig, log) -> _Job:
 
 
 def _restore(job: _Job, ckpt, log) -> tuple[dict, tuple[int, ...], int]:
-  """(state, capacity, first step to run): the newest checkpoint's, or the initial ones.
+  """(state, capacity, first step to run): the newest intact checkpoint's, or the initial ones.
+
+  A damaged checkpoint (`checkpoint.CheckpointDamaged`: unreadable item, content checksum
+  mismatch) is moved to `<workdir>/checkpoints_damaged/` with a warning naming the step and
+  the item, and the next older one is tried.
 
   Raises:
-    ValueError: the checkpoint does not fit this config (before anything is written).
+    checkpoint.CheckpointMismatch (a ValueError): the checkpoint holds another model's state.
   """
-  latest = ckpt.latest_step()
-  if latest is None:
-    return job.state, job.initial_capacity, 0
-  state, meta = ckpt.restore(latest, job.state)
-  capacity, start = tuple(meta["capacity"]), int(meta["step"])
-  log(f"resumed from {ckpt.directory} at step {start} (MoE capacity {capacity})")
-  return state, capacity, start
+  from dsv3_jax.train.checkpoint import CheckpointDamaged
+
+  for step in reversed(ckpt.all_steps()):
+    try:
+      state, meta = ckpt.restore(step, job.state)
+    except CheckpointDamaged as e:
+      where = ckpt.set_aside(step)
+      older = [s for s in ckpt.all_steps() if s < step]
+      log(f"warning: {e}; moved it to {where}; "
+          + (f"falling back to step {older[-1]}" if older else "no older checkpoint: "
+             "training starts from step 0"))
+      continue
+    capacity, start = tuple(meta["capacity"]), int(meta["step"])
+    log(f"resumed from {ckpt.directory} at step {start} (MoE capacity {capacity}; restored "
+        f"and verified in {ckpt.restore_s:.2f} s)")
+    return state, capacity, start
+  return job.state, job.initial_capacity, 0
 
 
 class TrainingStopped(RuntimeError):
@@ -288,7 +304,8 @@ class _Run:
   sdc_checks: int = 0
   sdc_check_s: list = dataclasses.field(default_factory=list)  # seconds per check
   checkpoint_save_s: list = dataclasses.field(default_factory=list)  # seconds per save
-  checkpoint_restore_s: Optional[float] = None
+  checkpoint_checksum_s: list = dataclasses.field(default_factory=list)  # within save_s
+  checkpoint_restore_s: Optional[float] = None  # restore + checksum verification, seconds
 
 
 def _train_step(job: _Job, run: _Run, window) -> dict:
@@ -381,6 +398,7 @@ def _loop(job: _Job, run: _Run, start: int, ckpt, writer, *, progress: bool, log
       t0 = time.perf_counter()
       ckpt.save(done, run.state, {"step": done, "capacity": list(run.capacity)}, force=True)
       run.checkpoint_save_s.append(time.perf_counter() - t0)
+      run.checkpoint_checksum_s.append(ckpt.checksum_s)
   pbar.close()
   if run.heldout is None:  # resumed a finished run: evaluate what was restored
     run.heldout = evaluate()
@@ -428,6 +446,8 @@ def _summarize(job: _Job, run: _Run, start: int, log) -> dict:
       sdc_check_s=float(np.median(run.sdc_check_s)) if run.sdc_check_s else None,
       checkpoint_save_s=(float(np.median(run.checkpoint_save_s)) if run.checkpoint_save_s
                          else None),
+      checkpoint_checksum_s=(float(np.median(run.checkpoint_checksum_s))
+                             if run.checkpoint_checksum_s else None),
       checkpoint_restore_s=run.checkpoint_restore_s, final=run.last)
   summary_path = os.path.join(t.workdir, "summary.json")
   if run.first_step_s is None and os.path.exists(summary_path):
@@ -463,18 +483,35 @@ def train(cfg, *, progress: bool = True, log: Callable[[str], None] = print) -> 
   from dsv3_jax.train.checkpoint import Checkpointer
   from dsv3_jax.train.metrics import MetricsWriter
 
+  from dsv3_jax.train import resume
+
   model_cfg = validate(cfg, log)
-  job = _build(cfg, model_cfg, log)
   t = cfg.train
+  changes = resume.check(cfg, t.workdir)  # refuses math changes before anything is written
+  job = _build(cfg, model_cfg, log)
   os.makedirs(t.workdir, exist_ok=True)
   ckpt = Checkpointer(t.workdir, save_every=t.checkpoint_every)
-  # Restore first: a mismatching config fails before anything is written.
-  state, capacity, start = _restore(job, ckpt, log)
+  # Restore first: a checkpoint of another model fails before anything is written.
+  try:
+    state, capacity, start = _restore(job, ckpt, log)
+  except BaseException:
+    ckpt.close()
+    raise
+  run0 = _Run(state, capacity, checkpoint_restore_s=ckpt.restore_s if start else None)
+  if changes:
+    log(f"warning: resuming at step {start} with changed settings (train.allow_config_change"
+        f"): {', '.join(f'{k} {a!r} -> {b!r}' for k, (a, b) in changes.items())}; recorded in "
+        f"{os.path.join(t.workdir, resume.HISTORY)}")
+  resume.record(t.workdir, start, changes, "resume" if start else "start")
+  dropped = resume.trim_metrics(t.workdir, start)
+  if dropped:
+    log(f"metrics.jsonl: dropped {dropped} lines after step {start} (written after the "
+        "checkpoint resumed from, or garbled)")
   with open(os.path.join(t.workdir, "config.json"), "w") as f:
     f.write(cfg.to_json(indent=2))
   writer = MetricsWriter(t.workdir)
   try:
-    run = _loop(job, _Run(state, capacity), start, ckpt, writer, progress=progress, log=log)
+    run = _loop(job, run0, start, ckpt, writer, progress=progress, log=log)
   finally:
     writer.close()
     ckpt.close()

@@ -70,3 +70,31 @@ def test_windows_are_contiguous_and_batches_are_random_access():
   np.testing.assert_array_equal(ds[3], b)  # the step index alone fixes the batch (resume)
   ev = data.eval_windows(stream, seq_len=16, extra=1, n=5)
   assert ev.shape == (5, 18) and ev[0, 0] == 0
+
+
+def test_few_files_are_split_within_files_and_short_text_names_the_file(tmp_path):
+  window = 66
+  # Four files: the hash split holds none of them out at 5 %, so each file's tail is held out.
+  for i in range(4):
+    (tmp_path / f"f{i}.txt").write_text(f"file {i} text. " * 40)  # 520 bytes
+  files = data.list_corpus_files([str(tmp_path)])
+  assert not any(data.is_heldout(rel, 0.05) for _, rel in files)
+  c = data.load_corpus([str(tmp_path)], 0.05, window=window)
+  assert c.split == "within_files" and (c.n_train_files, c.n_heldout_files) == (4, 4)
+  assert len(c.heldout) == 4 * 26 + 3 and len(c.train) == 4 * 494 + 3  # 5 % of each, NUL-joined
+  # One file of three windows: the held-out tail is shorter than a window, so the last window
+  # of the text is held out.
+  one = tmp_path / "one.txt"
+  one.write_bytes(b"x" * (3 * window))
+  c = data.load_corpus([str(one)], 0.05, window=window)
+  assert (len(c.train), len(c.heldout)) == (2 * window, window)
+  assert data.eval_windows(c.heldout, seq_len=64, extra=1, n=8).shape == (1, window)
+  short = tmp_path / "short.txt"
+  short.write_text("too short")
+  with pytest.raises(ValueError, match=rf"short.txt\) is 9 bytes; the train and the held-out "
+                     rf"split need at least one window of {window} bytes"):
+    data.load_corpus([str(short)], 0.05, window=window)
+  empty = tmp_path / "empty.txt"
+  empty.write_text("")
+  with pytest.raises(ValueError, match=r"every file in data.paths is empty \(.*empty.txt\)"):
+    data.load_corpus([str(empty)], 0.05, window=window)

@@ -22,3 +22,17 @@ def test_tensorboard_scalars_equal_the_jsonl_values(tmp_path):
   w = metrics.MetricsWriter(str(tmp_path), tensorboard=False)  # a second run in the same dir
   w.write({"step": 30, "loss": 2.0})
   assert metrics.read_scalars(str(tmp_path))["loss"] == [(10, 2.5), (20, 2.25)]
+
+
+def test_metrics_are_strict_json_and_the_reader_skips_garbled_lines(tmp_path):
+  from dsv3_jax.train.metrics import MetricsWriter, read_metrics
+
+  w = MetricsWriter(str(tmp_path), tensorboard=False)
+  w.write({"step": 1, "loss": float("nan"), "grad_norm": np.float32(np.inf), "x": [1.0, np.nan]})
+  w.close()
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"step": 2, "lo\n\xff\xfe\n[1, 2]\n{"step": 3, "loss": NaN}\n')
+  text = (tmp_path / "metrics.jsonl").read_text(errors="replace").splitlines()[0]
+  assert text == '{"step": 1, "loss": null, "grad_norm": null, "x": [1.0, null]}'
+  rows = read_metrics(str(tmp_path / "metrics.jsonl"))
+  assert [r["step"] for r in rows] == [1, 3]

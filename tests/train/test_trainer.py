@@ -83,8 +83,10 @@ def test_short_run_learns_resumes_and_writes_metrics(tmp_path):
     assert key in lines[0]
   assert all(l["dropped_tokens"] == 0 for l in lines if "dropped_tokens" in l)  # dropless
   assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["15", "30"]
-  # Rerunning with more steps resumes at step 30 and continues from the saved state.
+  # Rerunning with more steps (a change to the learning-rate schedule, so it needs the opt-in)
+  # resumes at step 30 and continues from the saved state.
   cfg.train.steps = 35
+  cfg.train.allow_config_change = True
   s2 = trainer.train(cfg, progress=False, log=lambda *_: None)
   assert s2["resumed_from"] == 30
   lines = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
@@ -163,8 +165,15 @@ def test_resuming_with_an_incompatible_config_fails_and_keeps_the_run(tmp_path):
   trainer.train(cfg, progress=False, log=lambda *_: None)
   saved = (tmp_path / "run" / "config.json").read_text()
   cfg.model.hidden_size = 32
-  with pytest.raises(ValueError, match="does not match this config"):
+  with pytest.raises(ValueError, match="change the training math: model.hidden_size: 64 -> 32"):
     trainer.train(cfg, progress=False, log=lambda *_: None)
+  assert (tmp_path / "run" / "config.json").read_text() == saved
+  assert os.listdir(tmp_path / "run" / "checkpoints") == ["2"]
+  # With the opt-in the shapes still do not fit: refused, the run kept, no advice to delete it.
+  cfg.train.allow_config_change = True
+  with pytest.raises(ValueError, match="holds another model's state") as e:
+    trainer.train(cfg, progress=False, log=lambda *_: None)
+  assert "remove" not in str(e.value) and "delete" not in str(e.value)
   assert (tmp_path / "run" / "config.json").read_text() == saved
   assert os.listdir(tmp_path / "run" / "checkpoints") == ["2"]
 
