@@ -38,59 +38,107 @@ def parse_args(ap, argv=None):
   return args
 
 
-def measure(overrides: dict, steps: int, train_steps: int, batch: int) -> dict:
-  """Times the training step of one model variant on one device.
+class StepSession:
+  """One model variant's compiled training step on one device, kept to run several timed rounds
+  (benchmark_step.py alternates it with the PyTorch reference).
 
   Args:
     overrides: `ModelConfig` fields replaced in the configs/tiny.py model, e.g.
       `dict(num_nextn_predict_layers=0)` or `dict(dtype="bfloat16", fp8=True)`.
+    batch: sequences of 256 bytes per step (>= 1).
+
+  Attributes:
+    compile_s: seconds to lower and compile the step (s).
+    model_cfg, train_cfg: the configs used; windows(n): the first n token windows of the data.
+  """
+
+  def __init__(self, overrides: dict, batch: int):
+    import jax
+    from flax import nnx
+
+    from configs import tiny
+    from dsv3_jax.model.config import ModelConfig
+    from dsv3_jax.model.transformer import Transformer
+    from dsv3_jax.train import data, trainer
+
+    cfg = tiny.get_config()
+    cfg.train.steps = 1000
+    self.train_cfg = cfg.train
+    self.model_cfg = mc = ModelConfig.from_dict(cfg.model.to_dict()).replace(**overrides)
+    corpus = data.load_corpus(None, cfg.data.heldout_fraction)
+    self.ds = data.train_dataset(corpus.train, seq_len=SEQ_LEN, extra=mc.mtp_depth,
+                                 batch_size=batch, seed=0)
+    self.batch = batch
+    model = Transformer(mc, rngs=nnx.Rngs(0))
+    graphdef, params, other = nnx.split(model, nnx.Param, ...)
+    opt = trainer.make_optimizer(cfg.train)
+    self.state = (params, other, opt.init(params))
+    fns = trainer.make_step_fns(graphdef, opt, mc, cfg.train, SEQ_LEN)
+    cap = (1,)  # one device: the grouped expert kernel is dropless, no capacity applies
+    t0 = time.perf_counter()
+    self.compiled = fns.train_step.lower(*self.state, jax.numpy.asarray(self.ds[0]),
+                                         cap).compile()
+    self.compile_s = time.perf_counter() - t0
+    self.i = 0
+    self.metrics = None
+
+  def windows(self, n: int):
+    import numpy as np
+    return np.stack([np.asarray(self.ds[i]) for i in range(n)])
+
+  def run(self, n: int, timed: bool = True) -> tuple[list, list]:
+    """Runs n steps on the next windows; returns (wall s, process CPU s) per step when
+    `timed` (each step synchronised), else ([], []) with one synchronisation at the end."""
+    import jax
+    wall, cpu = [], []
+    for _ in range(n):
+      w = jax.numpy.asarray(self.ds[self.i])
+      self.i += 1
+      t, c = time.perf_counter(), time.process_time()
+      *state, m = self.compiled(*self.state, w)
+      self.state = tuple(state)
+      if timed:
+        jax.block_until_ready((self.state, m))
+        wall.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+    jax.block_until_ready(self.state)
+    self.metrics = m
+    return wall, cpu
+
+
+def peak_rss_bytes() -> int:
+  """Peak resident memory of this process so far (bytes; Linux ru_maxrss is in KiB)."""
+  import resource
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def measure(overrides: dict, steps: int, train_steps: int, batch: int) -> dict:
+  """Times the training step of one model variant on one device (a `StepSession`).
+
+  Args:
+    overrides: `ModelConfig` fields replaced in the configs/tiny.py model.
     steps: timed steps (>= 1).
     train_steps: untimed training steps before them (>= 0).
     batch: sequences of 256 bytes per step (>= 1).
 
   Returns:
     dict with compile_s (s), step_s (median step, s), step_min_s (s), tokens_per_s (at the
-    median), and the last timed step's loss, expert_load_max_over_mean and dropped tokens
-    (as load_max_over_mean, dropped).
+    median), step_cpu_s (median process CPU time per step, s), and the last timed step's loss,
+    expert_load_max_over_mean and dropped tokens (as load_max_over_mean, dropped).
   """
-  import jax
   import numpy as np
-  from flax import nnx
+  sess = StepSession(overrides, batch)
+  sess.run(train_steps, timed=False)  # realistic routing state
+  times, cpu = sess.run(steps)
+  return summarize(sess, times, cpu)
 
-  from configs import tiny
-  from dsv3_jax.model.config import ModelConfig
-  from dsv3_jax.model.transformer import Transformer
-  from dsv3_jax.train import data, trainer
 
-  cfg = tiny.get_config()
-  cfg.train.steps = 1000
-  mc = ModelConfig.from_dict(cfg.model.to_dict()).replace(**overrides)
-  corpus = data.load_corpus(None, cfg.data.heldout_fraction)
-  ds = data.train_dataset(corpus.train, seq_len=SEQ_LEN, extra=mc.mtp_depth, batch_size=batch,
-                          seed=0)
-  model = Transformer(mc, rngs=nnx.Rngs(0))
-  graphdef, params, other = nnx.split(model, nnx.Param, ...)
-  opt = trainer.make_optimizer(cfg.train)
-  opt_state = opt.init(params)
-  fns = trainer.make_step_fns(graphdef, opt, mc, cfg.train, SEQ_LEN)
-  cap = (1,)  # one device: the grouped expert kernel is dropless, no capacity applies
-
-  t0 = time.perf_counter()
-  compiled = fns.train_step.lower(params, other, opt_state, jax.numpy.asarray(ds[0]),
-                                  cap).compile()
-  compile_s = time.perf_counter() - t0
-  for i in range(train_steps):  # realistic routing state
-    params, other, opt_state, m = compiled(params, other, opt_state, jax.numpy.asarray(ds[i]))
-  jax.block_until_ready(params)
-  times = []
-  for i in range(train_steps, train_steps + steps):
-    w = jax.numpy.asarray(ds[i])
-    t = time.perf_counter()
-    params, other, opt_state, m = compiled(params, other, opt_state, w)
-    jax.block_until_ready((params, m))
-    times.append(time.perf_counter() - t)
+def summarize(sess: StepSession, times, cpu) -> dict:
+  """The `measure` dict of a session's timed steps (wall and CPU seconds per step)."""
+  import numpy as np
   med = float(np.median(times))
-  return dict(compile_s=compile_s, step_s=med, step_min_s=float(np.min(times)),
-              tokens_per_s=batch * SEQ_LEN / med, loss=float(m["loss"]),
-              load_max_over_mean=float(m["expert_load_max_over_mean"]),
+  m = sess.metrics
+  return dict(compile_s=sess.compile_s, step_s=med, step_min_s=float(np.min(times)),
+              tokens_per_s=sess.batch * SEQ_LEN / med, step_cpu_s=float(np.median(cpu)),
+              loss=float(m["loss"]), load_max_over_mean=float(m["expert_load_max_over_mean"]),
               dropped=float(m["dropped_tokens"]))

@@ -21,7 +21,7 @@ share the window loops; they differ only in their GEMMs (`_FLOAT_GEMMS`, `_fp8_g
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -83,7 +83,26 @@ def _window_loop(seg_start, seg_len, seg_expert, window, body, init):
   return lax.fori_loop(0, total, step, init)
 
 
-def _grouped_forward(x, segs, w_gate, w_up, w_down, window, gemms, act_dtype, keep_activations):
+def _two_level_loop(seg_start, seg_len, seg_expert, window, tail_window, make_body, init):
+  """Every segment's rows in windows: `tail_window`-row windows over what is left after its
+  full `window`-row windows (first, in increasing row order), then the full windows.
+
+  A tail window may run past its segment's end into later rows; every full window is entirely
+  inside its segment and runs after all the tail windows, and later tail windows start further
+  on, so each row's last writer is its own window (see `_grouped_forward`). The padding is then
+  at most tail_window - 1 rows per expert while most rows go through the large GEMMs.
+  `make_body(w)` returns the loop body for windows of w rows.
+  """
+  if tail_window is None or tail_window >= window:
+    return _window_loop(seg_start, seg_len, seg_expert, window, make_body(window), init)
+  full = (seg_len // window) * window
+  carry = _window_loop(seg_start + full, seg_len - full, seg_expert, tail_window,
+                       make_body(tail_window), init)
+  return _window_loop(seg_start, full, seg_expert, window, make_body(window), carry)
+
+
+def _grouped_forward(x, segs, w_gate, w_up, w_down, window, gemms, act_dtype, keep_activations,
+                     tail_window=None):
   """y [R + window, D] in x.dtype, and when `keep_activations` the gate and up
   pre-activations [R + window, F] each in `act_dtype`."""
   r, d = x.shape
@@ -91,7 +110,10 @@ def _grouped_forward(x, segs, w_gate, w_up, w_down, window, gemms, act_dtype, ke
   xp = jnp.concatenate([x, jnp.zeros((window, d), x.dtype)])
   like = (x, *segs, w_gate, w_up, w_down)
 
-  def body(e, start, _, carry):
+  def make_body(window):
+    return partial(body, window)
+
+  def body(window, e, start, _, carry):
     xw = lax.dynamic_slice_in_dim(xp, start, window)
     gate, up = gemms.forward(xw, w_gate[e]), gemms.forward(xw, w_up[e])
     out = gemms.forward(gemms.activation(jax.nn.silu(gate) * up), w_down[e]).astype(x.dtype)
@@ -106,11 +128,11 @@ def _grouped_forward(x, segs, w_gate, w_up, w_down, window, gemms, act_dtype, ke
   init = (zeros_varying_like((r + window, d), x.dtype, *like),)
   if keep_activations:
     init += (zeros_varying_like((r + window, f), act_dtype, *like),) * 2
-  return _window_loop(*segs, window, body, init)
+  return _two_level_loop(*segs, window, tail_window, make_body, init)
 
 
 def _grouped_backward(x, dy, gate_all, up_all, segs, w_gate, w_up, w_down, grad_dtype, window,
-                      gemms):
+                      gemms, tail_window=None):
   """(dx [R, D] in x.dtype, dW_gate, dW_up, dW_down in `grad_dtype`), unsummed over devices.
 
   Rows of a window outside its segment are zeroed in x, dy and the activation, so they add
@@ -119,11 +141,13 @@ def _grouped_backward(x, dy, gate_all, up_all, segs, w_gate, w_up, w_down, grad_
   r, d = x.shape
   xp = jnp.concatenate([x, jnp.zeros((window, d), x.dtype)])
   dyp = jnp.concatenate([dy.astype(x.dtype), jnp.zeros((window, d), x.dtype)])
-  rows = jnp.arange(window)
 
-  def body(e, start, n_valid, carry):
+  def make_body(window):
+    return partial(body, window)
+
+  def body(window, e, start, n_valid, carry):
     dx, dwg, dwu, dwd = carry
-    valid = (rows < n_valid)[:, None]
+    valid = (jnp.arange(window) < n_valid)[:, None]
     xw = jnp.where(valid, lax.dynamic_slice_in_dim(xp, start, window), 0)
     dyw = jnp.where(valid, lax.dynamic_slice_in_dim(dyp, start, window), 0)
     pre = lax.dynamic_slice_in_dim(gate_all, start, window)
@@ -142,15 +166,16 @@ def _grouped_backward(x, dy, gate_all, up_all, segs, w_gate, w_up, w_down, grad_
   like = (x, dy, *segs, w_gate, w_up, w_down)
   init = (zeros_varying_like((r + window, d), x.dtype, *like),) + tuple(
       zeros_varying_like(w.shape, grad_dtype, *like) for w in (w_gate, w_up, w_down))
-  dx, dwg, dwu, dwd = _window_loop(*segs, window, body, init)
+  dx, dwg, dwu, dwd = _two_level_loop(*segs, window, tail_window, make_body, init)
   return dx[:r], dwg, dwu, dwd
 
 
 # --------------------------------------------------------------------------- float kernel
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(7,))
-def grouped_swiglu(x, seg_start, seg_len, seg_expert, w_gate, w_up, w_down, window: int = 128):
+@partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def grouped_swiglu(x, seg_start, seg_len, seg_expert, w_gate, w_up, w_down, window: int = 128,
+                   tail_window: Optional[int] = None):
   """y[r] = down_e(silu(gate_e(x[r])) * up_e(x[r])), e = the expert of row r's segment.
 
   Args:
@@ -160,26 +185,30 @@ def grouped_swiglu(x, seg_start, seg_len, seg_expert, w_gate, w_up, w_down, wind
     seg_expert: [G] int32 expert of each segment.
     w_gate, w_up: [E, D, F]; w_down: [E, F, D].
     window: rows per matmul (static).
+    tail_window: None, or rows per matmul (static, < window) for what is left of each segment
+      after its full `window`-row windows: the padded work drops from up to window - 1 to up
+      to tail_window - 1 rows per expert, while most rows still run in `window`-row GEMMs.
+      The outputs are the same; the weight gradients sum the windows in another order.
 
   Returns:
     [R, D] in x.dtype; rows outside every segment are unspecified (callers mask them).
   """
   segs = (seg_start, seg_len, seg_expert)
   return _grouped_forward(x, segs, w_gate, w_up, w_down, window, _FLOAT_GEMMS, x.dtype,
-                          keep_activations=False)[0][:x.shape[0]]
+                          keep_activations=False, tail_window=tail_window)[0][:x.shape[0]]
 
 
-def _fwd_rule(x, seg_start, seg_len, seg_expert, w_gate, w_up, w_down, window):
+def _fwd_rule(x, seg_start, seg_len, seg_expert, w_gate, w_up, w_down, window, tail_window):
   segs = (seg_start, seg_len, seg_expert)
   y, gate, up = _grouped_forward(x, segs, w_gate, w_up, w_down, window, _FLOAT_GEMMS, x.dtype,
-                                 keep_activations=True)
+                                 keep_activations=True, tail_window=tail_window)
   return y[:x.shape[0]], (x, gate, up, segs, w_gate, w_up, w_down)
 
 
-def _bwd_rule(window, res, dy):
+def _bwd_rule(window, tail_window, res, dy):
   x, gate, up, segs, w_gate, w_up, w_down = res
   dx, dwg, dwu, dwd = _grouped_backward(x, dy, gate, up, segs, w_gate, w_up, w_down,
-                                        w_gate.dtype, window, _FLOAT_GEMMS)
+                                        w_gate.dtype, window, _FLOAT_GEMMS, tail_window)
   return (dx, None, None, None, sum_to_type_of(dwg, w_gate), sum_to_type_of(dwu, w_up),
           sum_to_type_of(dwd, w_down))
 
@@ -291,8 +320,14 @@ grouped_swiglu_fp8.defvjp(_fp8_fwd_rule, _fp8_bwd_rule)
 # --------------------------------------------------------------------------- expert call
 
 
+# Float kernel: rows per matmul for each expert's rows past its full 128-row windows (measured
+# on XLA:CPU at the tiny config's skewed loads: results/profile_step.md).
+FLOAT_TAIL_WINDOW = 32
+
+
 def expert_compute(rows: jax.Array, expert: jax.Array, w_gate: jax.Array, w_up: jax.Array,
-                   w_down: jax.Array, *, window: int = 128, fp8_recipe=None) -> jax.Array:
+                   w_down: jax.Array, *, window: int = 128, fp8_recipe=None,
+                   tail_window: Optional[int] = FLOAT_TAIL_WINDOW) -> jax.Array:
   """Applies each row's local expert, at the cost of the valid rows only.
 
   Rows are stably sorted by expert (invalid rows last), run through `grouped_swiglu` (or
@@ -305,6 +340,9 @@ def expert_compute(rows: jax.Array, expert: jax.Array, w_gate: jax.Array, w_up: 
     w_gate, w_up: [E_l, D, F]; w_down: [E_l, F, D].
     window: rows per matmul in the grouped kernel.
     fp8_recipe: a `quant.fp8.Fp8Recipe` to run the expert GEMMs in FP8, or None.
+    tail_window: float kernel only: `grouped_swiglu`'s tail_window (None = every window has
+      `window` rows). The FP8 kernel always uses `window`-row windows (its weight-gradient
+      tiles are the windows).
 
   Returns:
     [N, D]: FFN_{expert[r]}(rows[r]), zero where expert[r] < 0.
@@ -321,7 +359,7 @@ def expert_compute(rows: jax.Array, expert: jax.Array, w_gate: jax.Array, w_up: 
   segs = (seg_start.astype(jnp.int32), seg_len.astype(jnp.int32),
           jnp.arange(e_local, dtype=jnp.int32))
   if fp8_recipe is None:
-    out = grouped_swiglu(sorted_rows, *segs, w_gate, w_up, w_down, window)
+    out = grouped_swiglu(sorted_rows, *segs, w_gate, w_up, w_down, window, tail_window)
   else:
     out = grouped_swiglu_fp8(sorted_rows, *segs, w_gate, w_up, w_down, window, fp8_recipe)
   out = take_rows(out, position, order[:, None])
