@@ -45,7 +45,7 @@ def _step_fn(model, opt, seq_len, clip):
     if clip:
       torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     opt.step()
-    return float(loss)
+    return float(loss.detach())
 
   return step
 
