@@ -334,7 +334,8 @@ def _train_step(job: _Job, run: _Run, window) -> dict:
     return metrics
 
 
-def _loop(job: _Job, run: _Run, start: int, ckpt, writer, *, progress: bool, log) -> _Run:
+def _loop(job: _Job, run: _Run, start: int, ckpt, writer, *, progress: bool, log,
+          after_step: Optional[Callable[[int, dict], dict]] = None) -> _Run:
   """Steps start..train.steps, logging, evaluating and checkpointing on their schedules."""
   from tqdm.auto import tqdm
 
@@ -359,6 +360,8 @@ def _loop(job: _Job, run: _Run, start: int, ckpt, writer, *, progress: bool, log
             f"{metrics.get('grad_norm')}: update skipped ({run.nonfinite_in_a_row} in a row, "
             f"stop at train.max_nonfinite_steps={max_bad})")
     stop = run.nonfinite_in_a_row >= max_bad
+    if after_step is not None:
+      run.state = after_step(step + 1, run.state)
     if run.first_step_s is None:
       run.first_step_s = dt  # includes compilation
     else:
@@ -464,12 +467,16 @@ def _summarize(job: _Job, run: _Run, start: int, log) -> dict:
   return summary
 
 
-def train(cfg, *, progress: bool = True, log: Callable[[str], None] = print) -> dict:
+def train(cfg, *, progress: bool = True, log: Callable[[str], None] = print,
+          after_step: Optional[Callable[[int, dict], dict]] = None) -> dict:
   """Runs (or resumes) the training job described by `cfg` (see configs/tiny.py).
 
   Writes `<workdir>/config.json`, `metrics.jsonl` (and the same scalars as TensorBoard event
   files beside it, `metrics.MetricsWriter`), `summary.json` and orbax checkpoints every
   `train.checkpoint_every` steps; if the workdir holds a checkpoint, training resumes from it.
+
+  `after_step(step, state) -> state`, if given, runs after every step (steps counted from 1)
+  and its result continues training: a fault-injection point for tests.
 
   Returns:
     The summary dict (held-out loss in nats/byte, step time, tokens/s, compile time, ...).
@@ -511,7 +518,8 @@ def train(cfg, *, progress: bool = True, log: Callable[[str], None] = print) -> 
     f.write(cfg.to_json(indent=2))
   writer = MetricsWriter(t.workdir)
   try:
-    run = _loop(job, run0, start, ckpt, writer, progress=progress, log=log)
+    run = _loop(job, run0, start, ckpt, writer, progress=progress, log=log,
+                after_step=after_step)
   finally:
     writer.close()
     ckpt.close()

@@ -277,3 +277,41 @@ def test_a_single_small_file_trains(tmp_path):
   said = []
   s = trainer.train(cfg, progress=False, log=said.append)
   assert np.isfinite(s["heldout_loss"]) and any("split within files" in l for l in said)
+
+
+# ----------------------------------------------------------------------------- SDC
+
+
+def test_a_bit_flip_in_one_replica_is_found_and_stops_the_run_before_the_checkpoint(tmp_path):
+  # An 8-device (2 x 4) mesh of the 32 the test session emulates (32 devices cost ~4x more
+  # for the same check).
+  import jax
+
+  from dsv3_jax.train import integrity
+
+  cfg = _tiny_cfg(tmp_path, steps=6, checkpoint_every=2, log_every=1, eval_every=6,
+                  sdc_check_every=4)
+  cfg.mesh.nodes, cfg.mesh.gpus_per_node = 2, 4
+  cfg.model.update(dict(n_group=2, topk_group=1, num_experts_per_tok=2))
+  injected = {}
+
+  def flip_after_step_3(step, state):
+    if step != 3:
+      return state
+    leaves, tree = jax.tree_util.tree_flatten(state)
+    names = [n for n, _ in integrity.named_leaves(state)]
+    i = names.index("params/layers/0/self_attn/q_a_proj/kernel")
+    devices = list(leaves[i].sharding.mesh.devices.reshape(-1))
+    leaves[i] = integrity.flip_bit(leaves[i], 5, flat_index=7, bit=3, devices=devices)
+    injected.update(step=step, device=devices[5].id)
+    return jax.tree_util.tree_unflatten(tree, leaves)
+
+  with pytest.raises(trainer.TrainingStopped, match=r"stopped at step 4: silent data "
+                     r"corruption: replicas that must be bit-identical differ: "
+                     r"params/layers/0/self_attn/q_a_proj/kernel differs on device 5\. Not "
+                     r"checkpointed. The newest checkpoint is step 2"):
+    trainer.train(cfg, progress=False, log=lambda *_: None, after_step=flip_after_step_3)
+  assert injected == {"step": 3, "device": 5}
+  # Flipped after step 3 (no check), found by the check after step 4 (every 4 steps and before
+  # each checkpoint): one step later, and step 4's checkpoint is not written.
+  assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2"]
