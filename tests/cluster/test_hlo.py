@@ -8,6 +8,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from dsv3_jax.cluster import hlo
+from dsv3_jax.model.experts import bind_experts
 from dsv3_jax.parallel import dispatch
 from dsv3_jax.parallel.mesh import make_mesh
 
@@ -112,7 +113,8 @@ def _program(schedule, capacity, dtype):
   tok = P(AXES)
 
   def run(x, idx, w, valid, wg, wu, wd):
-    return sched(x, idx, w, valid, wg, wu, wd, capacity=capacity, topo=topo, n_experts=e)
+    return sched(x, idx, w, valid, bind_experts(wg, wu, wd), capacity=capacity, topo=topo,
+                 n_experts=e)
 
   stats_spec = dispatch.DispatchStats(*([P()] * len(dispatch.DispatchStats._fields)))
   fn = jax.jit(jax.shard_map(run, mesh=mesh, in_specs=(tok,) * 7, out_specs=(tok, stats_spec)))
