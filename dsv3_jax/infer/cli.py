@@ -111,12 +111,16 @@ def main(argv=None, out=None) -> int:
 
   try:
     mesh = make_mesh(args.nodes, args.gpus_per_node) if n_dev > 1 else None
-    kw = dict(mesh=mesh, max_batch=n_dev, page_size=args.page_size, num_pages=args.num_pages)
+    prompt = args.prompt if args.prompt is not None else _ids(args.prompt_ids, "--prompt-ids")
+    # One request of known size: one shape bucket each, so one prefill and one decode compile.
+    n = len(prompt.encode("utf-8")) if isinstance(prompt, str) else len(prompt)
+    pages = -(-(n + args.max_new_tokens - 1) // args.page_size)
+    kw = dict(mesh=mesh, max_batch=n_dev, page_size=args.page_size, num_pages=args.num_pages,
+              prompt_buckets=(n,), page_buckets=(pages,))
     if args.workdir is not None:
       engine = Engine.from_workdir(args.workdir, step=args.step, **kw)
     else:
       engine = Engine.from_hf(args.hf, dtype=args.dtype, **kw)
-    prompt = args.prompt if args.prompt is not None else _ids(args.prompt_ids, "--prompt-ids")
     rid = engine.submit(prompt, max_new_tokens=args.max_new_tokens,
                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                         stop_tokens=_ids(args.stop_ids, "--stop-ids"),
