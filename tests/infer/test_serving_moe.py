@@ -1,4 +1,4 @@
-"""The serving MoE kernels give DeepSeekMoE's own output (routing, gates, shared experts), for
+"""The decode-sized expert calls (model.experts) and the serving MoE give DeepSeekMoE's own output (routing, gates, shared experts), for
 loads that fit the batched capacity and loads that spill over it."""
 
 import jax
@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dsv3_jax.infer.moe import capacity_experts, grouped_experts, local_moe
+from dsv3_jax.infer.moe import local_moe
 from dsv3_jax.model.config import ModelConfig
+from dsv3_jax.model.experts import capacity_expert_compute, expert_compute
 from dsv3_jax.model.moe import DeepSeekMoE
 
 CFG = ModelConfig(hidden_size=32, moe_intermediate_size=16, n_routed_experts=8, n_group=4,
@@ -35,9 +36,10 @@ def test_capacity_kernel_is_dropless_and_equals_the_per_row_reference():
   # expert 3 gets 9 rows (spills over any capacity < 9), some rows have no expert
   expert = jnp.array([3] * 9 + [0, 1, 2, 4, 5, 6, 7, -1, -1, 0, 1, 2, 5, 6, 7], jnp.int32)
   want = _dense(np.asarray(rows), np.asarray(expert), *map(np.asarray, w))
-  both = jax.jit(lambda r, e, *w: (capacity_experts(r, e, *w, 2, 4),  # spills
-                                   capacity_experts(r, e, *w, 16, 4),  # fits
-                                   grouped_experts(r, e, *w, 4)))
+  both = jax.jit(lambda r, e, *w: (
+      capacity_expert_compute(r, e, *w, capacity=2, window=4),  # spills
+      capacity_expert_compute(r, e, *w, capacity=16, window=4),  # fits
+      expert_compute(r, e, *w, window=4, tail_window=None)))
   for got in both(rows, expert, *w):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
