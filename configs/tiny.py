@@ -102,7 +102,7 @@ def get_config() -> config_dict.ConfigDict:
       # corruption); accept a resume whose settings change the math (recorded in
       # <workdir>/run_history.jsonl) instead of refusing it.
       max_nonfinite_steps=3,
-      sdc_check_every=10,
+      sdc_check_every=50,
       allow_config_change=False,
   ))
   return c

@@ -220,6 +220,13 @@ def _error(trace: list, message: str) -> LaunchError:
   return err
 
 
+def _signal_name(signum: int) -> str:
+  try:
+    return signal.Signals(signum).name
+  except ValueError:
+    return str(signum)
+
+
 def _rss_bytes(pid: int) -> int:
   try:
     with open(f"/proc/{pid}/status") as f:
@@ -409,10 +416,14 @@ def launch(target: str, n_devices: int, processes: int, kwargs: Optional[dict] =
       failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
       if failed:
         i, c = failed[0]
+        found = time.time()
         kill_all()
+        how = (f"was killed by signal {_signal_name(-c)}" if c < 0 else
+               f"exited with code {c}")
         raise _error(trace,
-            f"launch: process {i} of {processes} exited with code {c} after "
-            f"{time.time() - start:.1f} s; all workers killed. Log "
+            f"launch: process {i} of {processes} (pid {procs[i].pid}) {how} after "
+            f"{found - start:.1f} s; all workers killed {time.time() - found:.1f} s later "
+            f"(found within --poll {poll_s} s). Log "
             f"{os.path.join(log_dir, f'process_{i}.log')} ends with:\n"
             f"{_tail(os.path.join(log_dir, f'process_{i}.log'))}")
       if all(c == 0 for c in codes):

@@ -56,6 +56,41 @@ def main(argv) -> None:
     sys.exit(3)
 
 
+def train_target(config: str, overrides: Optional[dict] = None) -> dict:
+  """A `dsv3_jax.cluster.launch` target: trains (or resumes) `config` in the launched worker.
+
+      python -m dsv3_jax.cluster.launch run --devices 1 --processes 1 \\
+          --target dsv3_jax.train.cli:train_target \\
+          --kwargs '{"config": "configs/tiny.py", "overrides": {"train.steps": 20}}'
+
+  Rerunning the same command after a failure resumes from the newest intact checkpoint.
+
+  Args:
+    config: a config file (configs/*.py).
+    overrides: {"train.steps": 20, ...}: dotted field names, as --config.<name> on the command
+      line (lists for tuple fields).
+
+  Returns:
+    The run's summary dict (summary.json).
+
+  Raises:
+    ValueError: a bad config, or more than one process (the trainer runs in one process; the
+      launcher's multi-process mode serves the step benchmarks of experiments/scale_2048.py).
+  """
+  import jax
+
+  from dsv3_jax.train import trainer
+
+  if jax.process_count() > 1:
+    raise ValueError(f"train_target: the trainer runs in one process, got "
+                     f"{jax.process_count()}; launch it with --processes 1")
+  cfg = _load_config_file(config)
+  if overrides:  # JSON has no tuples: lists become tuples (data.paths, model.fp8_layers)
+    cfg.update_from_flattened_dict({k: tuple(v) if isinstance(v, list) else v
+                                    for k, v in overrides.items()})
+  return trainer.train(cfg, progress=False, log=lambda s: print(s, flush=True))
+
+
 USAGE = """usage: dsv3-train --config=CONFIG.py [--config.SECTION.KEY=VALUE ...]
 
 Trains (or resumes) the run described by CONFIG.py (a file with get_config(), e.g.

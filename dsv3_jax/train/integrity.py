@@ -166,8 +166,8 @@ class ReplicaChecker:
     return np.asarray(jax.device_get(self._fn(*leaves)))
 
   def check(self, tree) -> list[tuple[str, list]]:
-    """[(leaf name, [devices whose copy differs from the majority of its replicas])]; empty
-    when every replica agrees."""
+    """[(leaf name, [devices whose copy differs from the majority of its replicas, or every
+    replica of the group when there is no majority])]; empty when every replica agrees."""
     sums = self.sums(tree)
     bad = []
     for li, groups in enumerate(self.groups):
@@ -176,8 +176,11 @@ class ReplicaChecker:
         values, counts = np.unique(np.array(rows), axis=0, return_counts=True)
         if len(values) == 1:
           continue
-        majority = tuple(values[np.argmax(counts)])
-        odd = [self.devices[pos] for pos, r in zip(g, rows) if r != majority]
+        if 2 * counts.max() <= len(g):  # no majority (e.g. two replicas): name them all
+          odd = [self.devices[pos] for pos in g]
+        else:
+          majority = tuple(values[np.argmax(counts)])
+          odd = [self.devices[pos] for pos, r in zip(g, rows) if r != majority]
         bad.append((self.names[li], odd))
     return bad
 

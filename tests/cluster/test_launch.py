@@ -133,11 +133,41 @@ def _worker_pids(log_dir):
 
 def test_first_failure_kills_every_worker(tmp_path):
   t0 = time.time()
-  with pytest.raises(launch.LaunchError, match="process 1 of 2 exited") as e:
+  with pytest.raises(launch.LaunchError, match=r"process 1 of 2 \(pid \d+\) exited with code 1") as e:
     launch.launch(f"{THIS}:fail_on_process_one", 8, 2, timeout_s=100, log_dir=str(tmp_path))
   assert "deliberate failure on process 1" in str(e.value)
   assert time.time() - t0 < 60  # process 0 (sleeping 120 s) was killed, not waited for
   assert not _alive(_worker_pids(tmp_path))
+
+
+def test_a_worker_killed_with_sigkill_stops_every_process_naming_it(tmp_path):
+  import signal
+  import threading
+
+  err = {}
+
+  def run():
+    try:
+      launch.launch(f"{THIS}:sleep_forever", 4, 2, timeout_s=100, log_dir=str(tmp_path),
+                    poll_s=0.2)
+    except launch.LaunchError as e:
+      err["e"], err["t"] = e, time.time()
+
+  th = threading.Thread(target=run)
+  th.start()
+  deadline = time.time() + 60
+  while len(_worker_pids(tmp_path)) < 2 and time.time() < deadline:
+    time.sleep(0.2)
+  pids = {int(open(f"/proc/{p}/cmdline").read().split("--process-id\0")[1].split("\0")[0]): p
+          for p in _worker_pids(tmp_path)}
+  assert sorted(pids) == [0, 1]
+  killed_at = time.time()
+  os.kill(pids[1], signal.SIGKILL)
+  th.join(timeout=60)
+  assert not th.is_alive() and "e" in err
+  assert err["t"] - killed_at < 10  # bounded: a poll interval plus the kill of the others
+  assert (f"process 1 of 2 (pid {pids[1]}) was killed by signal SIGKILL" in str(err["e"]))
+  assert not _alive(list(pids.values()))
 
 
 def test_timeout_kills_workers(tmp_path):
