@@ -33,12 +33,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from dsv3_jax.parallel.mesh import GPU_AXIS, NODE_AXIS, REPLICA_AXIS
+from dsv3_jax.parallel.topology import EPTopology, pmax, psum  # noqa: F401  (EPTopology re-exported)
 
 SCHEDULE_NAMES = ("flat", "two_hop")
 
@@ -46,129 +46,11 @@ SCHEDULE_NAMES = ("flat", "two_hop")
 # [N, D], zero for empty rows (e.g. `model.experts.expert_compute` with bound weights).
 ExpertsFn = Callable[[jax.Array, jax.Array], jax.Array]
 
-# --------------------------------------------------------------------------------- topology
-
-
-@dataclasses.dataclass(frozen=True)
-class EPTopology:
-  """The expert-parallel group: `n_nodes` x `gpus_per_node` devices on mesh axes of those names.
-
-  Experts are laid out device-major over (node, gpu): expert e is on node
-  e // (E_l * gpus_per_node), GPU (e // E_l) % gpus_per_node. With `replica_axis` set, the
-  cluster holds several such groups (data parallelism across them, e.g. EP64 = 8 nodes inside
-  256 nodes); statistics are then summed over the replicas too. Build it from a mesh with
-  `EPTopology.from_mesh`.
-  """
-
-  n_nodes: int = 1
-  gpus_per_node: int = 1
-  node_axis: str = NODE_AXIS
-  gpu_axis: str = GPU_AXIS
-  replica_axis: Optional[str] = None
-  n_replicas: int = 1
-
-  @classmethod
-  def from_mesh(cls, mesh) -> "EPTopology":
-    """The topology of a `parallel.mesh.make_mesh` mesh: axes (`node`, `gpu`), optionally with
-    a leading `replica` axis (EP groups over a subset of nodes).
-
-    Raises:
-      ValueError: the mesh lacks a `node` or `gpu` axis, or has other axes.
-    """
-    shape = dict(mesh.shape)
-    allowed = {NODE_AXIS, GPU_AXIS, REPLICA_AXIS}
-    if NODE_AXIS not in shape or GPU_AXIS not in shape or set(shape) - allowed:
-      raise ValueError(f"an expert-parallel mesh needs axes ({NODE_AXIS!r}, {GPU_AXIS!r}) and "
-                       f"optionally {REPLICA_AXIS!r}; got {tuple(shape)} (build it with "
-                       "dsv3_jax.parallel.mesh.make_mesh)")
-    replica = REPLICA_AXIS if REPLICA_AXIS in shape else None
-    return cls(n_nodes=shape[NODE_AXIS], gpus_per_node=shape[GPU_AXIS], replica_axis=replica,
-               n_replicas=shape.get(REPLICA_AXIS, 1))
-
-  @property
-  def n_devices(self) -> int:
-    return self.n_nodes * self.gpus_per_node
-
-  @property
-  def axes(self) -> tuple[str, str]:
-    """The expert-parallel axes (experts are sharded over these)."""
-    return (self.node_axis, self.gpu_axis)
-
-  @property
-  def all_axes(self) -> tuple[str, ...]:
-    """Every mesh axis the tokens are sharded over (replicas first)."""
-    return ((self.replica_axis,) if self.replica_axis else ()) + self.axes
-
-  def experts_per_device(self, n_experts: int) -> int:
-    """E_l = E / (nodes x GPUs).
-
-    Raises:
-      ValueError: E not divisible by the expert-parallel size.
-    """
-    if n_experts % self.n_devices:
-      raise ValueError(
-          f"model.n_routed_experts={n_experts} is not divisible by the expert-parallel size "
-          f"{self.n_devices} (mesh.ep_nodes x mesh.gpus_per_node = {self.n_nodes} x "
-          f"{self.gpus_per_node}); allowed: a multiple of {self.n_devices}")
-    return n_experts // self.n_devices
-
-  def validate(self, n_experts: int, n_group: int) -> None:
-    """Checks a model's expert layout against this group (before any work is done).
-
-    Experts must divide over the devices, and with more than one node the router's expert
-    groups must be the nodes (`n_group` = nodes), so that `topk_group` bounds the nodes a
-    token reaches (node-limited routing, report §2.1.2).
-
-    Raises:
-      ValueError: naming the setting and the allowed values.
-    """
-    self.experts_per_device(n_experts)
-    if self.n_nodes > 1 and n_group != self.n_nodes:
-      raise ValueError(
-          f"model.n_group={n_group} must equal the {self.n_nodes} nodes of the "
-          "expert-parallel group (mesh.ep_nodes, default mesh.nodes): expert groups are nodes, "
-          "so that model.topk_group bounds the nodes a token reaches (node-limited routing, "
-          "report §2.1.2)")
-
-  def my_node(self) -> jax.Array:
-    return jax.lax.axis_index(self.node_axis) if self.n_nodes > 1 else jnp.int32(0)
-
-  def my_gpu(self) -> jax.Array:
-    return jax.lax.axis_index(self.gpu_axis) if self.gpus_per_node > 1 else jnp.int32(0)
-
-  def manual_axes(self) -> tuple[str, ...]:
-    """The token axes that the current trace is per-device over (inside shard_map: all of
-    them, whatever their size; outside: none)."""
-    manual = jax.sharding.get_abstract_mesh().manual_axes
-    return tuple(a for a in self.all_axes if a in manual)
-
-
 def _all_to_all(x: jax.Array, axes, size: int) -> jax.Array:
   """all_to_all splitting and concatenating leading axis 0; identity when the group is 1."""
   if size == 1:
     return x
   return jax.lax.all_to_all(x, axes, 0, 0, tiled=True)
-
-
-def _psum(x, topo: EPTopology):
-  """Sum over the whole cluster, one mesh axis at a time (minor axis first).
-
-  Every token axis is reduced, size-1 axes included: inside shard_map a per-device value
-  varies over every axis its inputs are sharded over, and only a reduction over each of them
-  makes it invariant (replicated), whatever the axis size. Per-axis groups (of 8 and 256 at
-  2048 devices) rather than one 2048-member group, as real clusters reduce hierarchically (and
-  multi-process emulation needs, see results/scale_2048.md).
-  """
-  for axis in reversed(topo.manual_axes()):
-    x = jax.lax.psum(x, axis)
-  return x
-
-
-def _pmax(x, topo: EPTopology):
-  """Max over the whole cluster, one mesh axis at a time (see `_psum`)."""
-  for axis in reversed(topo.manual_axes()):
-    x = jax.lax.pmax(x, axis)
-  return x
 
 
 def _send(codec, rows: jax.Array, comm):
@@ -363,7 +245,7 @@ def _local_moe(x, idx, weight, experts: ExpertsFn, n_experts, hops, topo):
   y = jnp.einsum("tkd,tk->td", out.reshape(t, k, d), weight.astype(out.dtype))
   zero = jnp.float32(0.0)
   stats = DispatchStats(
-      expert_counts=_psum(_bincount(flat, n_experts), topo), dropped=zero,
+      expert_counts=psum(_bincount(flat, n_experts), topo), dropped=zero,
       needed_capacity=jnp.zeros((hops,), jnp.int32), rows_inter_node=zero, rows_intra_node=zero,
       buffer_rows_inter_node=zero, buffer_rows_intra_node=zero)
   return y, stats
@@ -429,11 +311,11 @@ class FlatSchedule:
     dest_dev = jnp.maximum(dest.reshape(-1), 0)
     same_node = dest_dev // topo.gpus_per_node == topo.my_node()
     stats = DispatchStats(
-        expert_counts=_psum(_bincount(flat, n_experts), topo),
-        dropped=_psum(_count((flat >= 0) & ~kept), topo),
-        needed_capacity=_pmax(jnp.max(s.counts), topo)[None],
-        rows_inter_node=_psum(_count(kept & ~same_node), topo),
-        rows_intra_node=_psum(_count(kept & same_node & (dest_dev != me)), topo),
+        expert_counts=psum(_bincount(flat, n_experts), topo),
+        dropped=psum(_count((flat >= 0) & ~kept), topo),
+        needed_capacity=pmax(jnp.max(s.counts), topo)[None],
+        rows_inter_node=psum(_count(kept & ~same_node), topo),
+        rows_intra_node=psum(_count(kept & same_node & (dest_dev != me)), topo),
         buffer_rows_inter_node=jnp.float32(
             topo.n_replicas * n_dev * (n_dev - topo.gpus_per_node) * cap),
         buffer_rows_intra_node=jnp.float32(
@@ -514,12 +396,12 @@ class TwoHopSchedule:
     kept1 = s1.slot >= 0
     kept2 = s2.slot >= 0
     stats = DispatchStats(
-        expert_counts=_psum(_bincount(idx.reshape(-1), n_experts), topo),
-        dropped=_psum(_count(idx >= 0) - _count(kept2), topo),
-        needed_capacity=jnp.stack([_pmax(jnp.max(s1.counts), topo),
-                                   _pmax(jnp.max(s2.counts), topo)]),
-        rows_inter_node=_psum(_count(kept1 & (dest1.reshape(-1) != my_node)), topo),
-        rows_intra_node=_psum(_count(kept2 & (dest2 != my_gpu)), topo),
+        expert_counts=psum(_bincount(idx.reshape(-1), n_experts), topo),
+        dropped=psum(_count(idx >= 0) - _count(kept2), topo),
+        needed_capacity=jnp.stack([pmax(jnp.max(s1.counts), topo),
+                                   pmax(jnp.max(s2.counts), topo)]),
+        rows_inter_node=psum(_count(kept1 & (dest1.reshape(-1) != my_node)), topo),
+        rows_intra_node=psum(_count(kept2 & (dest2 != my_gpu)), topo),
         buffer_rows_inter_node=jnp.float32(
             topo.n_replicas * topo.n_devices * (topo.n_nodes - 1) * c1),
         buffer_rows_intra_node=jnp.float32(topo.n_replicas * topo.n_devices * (g - 1) * c2),
