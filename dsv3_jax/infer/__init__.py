@@ -6,7 +6,8 @@
 
 from dsv3_jax.infer.cache import (CacheFullError, CacheSpec, PageAllocator, bytes_per_token,
                                   init_pools)
-from dsv3_jax.infer.engine import Completion, Engine, Event, StepFunctions, for_mesh
+from dsv3_jax.infer.engine import Completion, Engine, Event
+from dsv3_jax.infer.steps import StepFunctions, for_mesh
 from dsv3_jax.infer.sampling import SamplingParams, sample
 
 __all__ = [
