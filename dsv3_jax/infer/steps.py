@@ -178,26 +178,41 @@ class StepFunctions:
     Returns (greedy first token [b] int32, its logits [b, V] float32, pools)."""
     self.compiles["prefill"] += 1
     model = nnx.merge(self.graphdef, state)
+    h, pools = self._prefill_hidden(model, pools, tokens, lens, page_table)
+    last = jnp.take_along_axis(h, jnp.maximum(lens - 1, 0)[:, None, None], axis=1)
+    logits = model.head(model.norm(last))[:, 0]
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32), logits, pools
+
+  def _prefill_geometry(self, tokens, lens, page_table):
+    """(mask [b, S] bool, cos, sin [S, rope/2], cache slots [b, S] int32) of a prefill batch."""
     b, s = tokens.shape
     pos = jnp.arange(s, dtype=jnp.int32)
     mask = pos[None, :] < lens[:, None]
     cos, sin = rope_cos_sin(pos, self.inv_freq, self.rope_scale)
     slots = cache_lib.slot_ids(page_table, jnp.broadcast_to(pos, (b, s)), mask,
                                self.spec.page_size)
+    return mask, cos, sin, slots
+
+  def _prefill_hidden(self, model, pools, tokens, lens, page_table):
+    """The decoder over whole prompts: (h [b, S, hidden] before the final norm, pools)."""
+    mask, cos, sin, slots = self._prefill_geometry(tokens, lens, page_table)
     h = model.embed(tokens)
     pools = list(pools)
     for i, layer in enumerate(model.layers):
-      attn = layer.self_attn
-      x = layer.input_layernorm(h)
-      q_nope, q_rope = attn.queries(x, cos, sin)
-      c_kv, k_rope = attn.latent_kv(x, cos, sin)
-      pools[i] = cache_lib.write_latents(pools[i], slots,
-                                         jnp.concatenate([c_kv, k_rope], axis=-1))
-      h = h + attn.attend(q_nope, q_rope, c_kv, k_rope)
-      h = h + self._ffn(layer, layer.post_attention_layernorm(h), mask)
-    last = jnp.take_along_axis(h, jnp.maximum(lens - 1, 0)[:, None, None], axis=1)
-    logits = model.head(model.norm(last))[:, 0]
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32), logits, tuple(pools)
+      h, pools[i] = self._prefill_layer(layer, h, cos, sin, pools[i], slots, mask)
+    return h, tuple(pools)
+
+  def _prefill_layer(self, layer, h, cos, sin, pool, slots, mask):
+    """One decoder block over whole prompts (materialised MLA), writing its latents to `pool`
+    at `slots`: (h [b, S, hidden], pool). Also runs the MTP blocks (infer.speculative)."""
+    attn = layer.self_attn
+    x = layer.input_layernorm(h)
+    q_nope, q_rope = attn.queries(x, cos, sin)
+    c_kv, k_rope = attn.latent_kv(x, cos, sin)
+    pool = cache_lib.write_latents(pool, slots, jnp.concatenate([c_kv, k_rope], axis=-1))
+    h = h + attn.attend(q_nope, q_rope, c_kv, k_rope)
+    h = h + self._ffn(layer, layer.post_attention_layernorm(h), mask)
+    return h, pool
 
   def _decode_local(self, state, pools, tokens, start, valid, page_table):
     """tokens [b, T] int32 at positions start[b] + t, valid [b, T] bool, page_table [b, P].
@@ -213,15 +228,27 @@ class StepFunctions:
 
   def _decode_layers(self, model, pools, tokens, positions, valid, page_table):
     """The decoder on new tokens [b, T] at positions [b, T]: (logits [b, T, V], pools)."""
+    h, pools = self._decode_hidden(model, pools, tokens, positions, valid, page_table)
+    return model.head(model.norm(h)), pools
+
+  def _decode_hidden(self, model, pools, tokens, positions, valid, page_table):
+    """(h [b, T, hidden] before the final norm, pools) of new tokens [b, T] at positions."""
     cos, sin = rope_cos_sin(positions, self.inv_freq, self.rope_scale)
     h = model.embed(tokens)
     pools = list(pools)
     for i, layer in enumerate(model.layers):
-      out, pools[i] = mla_decode(layer.self_attn, layer.input_layernorm(h), cos, sin, pools[i],
-                                 page_table, positions, valid, self.spec.page_size)
-      h = h + out
-      h = h + self._ffn(layer, layer.post_attention_layernorm(h), valid)
-    return model.head(model.norm(h)), tuple(pools)
+      h, pools[i] = self._decode_layer(layer, h, cos, sin, pools[i], page_table, positions,
+                                       valid)
+    return h, tuple(pools)
+
+  def _decode_layer(self, layer, h, cos, sin, pool, page_table, positions, valid):
+    """One decoder block on new tokens (absorbed MLA on the paged cache): (h, pool). Also runs
+    the MTP blocks (infer.speculative)."""
+    out, pool = mla_decode(layer.self_attn, layer.input_layernorm(h), cos, sin, pool,
+                           page_table, positions, valid, self.spec.page_size)
+    h = h + out
+    h = h + self._ffn(layer, layer.post_attention_layernorm(h), valid)
+    return h, pool
 
   def _generate_local(self, state, pools, tokens, start, remaining, stop_ids, page_table,
                       temperature, top_k, top_p, key_data, *, n_steps: int, sampled: bool,
