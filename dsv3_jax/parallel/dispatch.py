@@ -14,6 +14,9 @@ passed in by the caller (`dsv3_jax.model.experts.expert_compute`).
 Both schedules are built from one primitive, `exchange` (one hop: slot assignment, take rows,
 all_to_all, compute, all_to_all back, take rows back). `flat` is one exchange over
 (node, gpu); `two_hop` is an exchange over `node` whose compute is an exchange over `gpu`.
+A hop splits into `exchange_dispatch` / `exchange_combine`, and each schedule into `dispatch` /
+`combine` (`__call__` is dispatch, experts, combine), so a caller can put other work between a
+micro-batch's dispatch and its combine (two micro-batch overlap, V3 report §3.4).
 
 Capacity contract. Shapes are static, so each hop packs rows into per-destination buffers of
 a fixed `capacity` (rows per source device and destination: a device for `flat` and for the
@@ -182,17 +185,57 @@ def exchange(rows: jax.Array, dest: jax.Array, capacity: int, axes, n_dest: int,
     (out [R, k, D'] each item's result, zero where dropped or without destination;
      slots `Slots` of the packing; aux from `compute`).
   """
+  received, received_items, s = exchange_dispatch(rows, dest, capacity, axes, n_dest,
+                                                  items=items, dispatch_codec=dispatch_codec)
+  out, aux = compute(received, received_items)
+  return exchange_combine(out, s, dest.shape[1], axes, n_dest, combine_codec=combine_codec), s, aux
+
+
+def _hop_comm(axes, n_dest: int, capacity: int):
+  """The hop's all_to_all on [n_dest * capacity, ...] buffers (buffer d -> destination d)."""
+  return lambda v: _all_to_all(v.reshape((n_dest, capacity) + v.shape[1:]), axes,
+                               n_dest).reshape(v.shape)
+
+
+def exchange_dispatch(rows: jax.Array, dest: jax.Array, capacity: int, axes, n_dest: int, *,
+                      items: tuple = (), dispatch_codec=None):
+  """Steps (1)-(3) of `exchange`: pack, fill and all_to_all the buffers (the dispatch half).
+
+  Splitting a hop lets a caller put other work between its dispatch and its combine (two
+  micro-batch overlap, `dsv3_jax.infer.overlap`); `exchange` is exactly
+  `exchange_dispatch`, `compute`, `exchange_combine`.
+
+  Args: as `exchange`.
+
+  Returns:
+    (received [n_dest * capacity, D] rows at this device, received_items (each
+     [n_dest * capacity, ...]), slots `Slots` of the packing, for `exchange_combine`).
+  """
   r, k = dest.shape
   s = assign_slots(dest.reshape(-1), n_dest, capacity)
-  comm = lambda v: _all_to_all(v.reshape((n_dest, capacity) + v.shape[1:]), axes,
-                               n_dest).reshape(v.shape)
+  comm = _hop_comm(axes, n_dest, capacity)
   send = take_rows(rows, jnp.where(s.src >= 0, s.src // k, -1), s.slot.reshape(r, k))
   received = _send(dispatch_codec, send, comm)
   received_items = tuple(comm(_take_items(a, s.src, s.slot)) for a in items)
-  out, aux = compute(received, received_items)
+  return received, received_items, s
+
+
+def exchange_combine(out: jax.Array, slots: Slots, k: int, axes, n_dest: int, *,
+                     combine_codec=None) -> jax.Array:
+  """Steps (5)-(6) of `exchange`: all_to_all the results back, hand each item its result.
+
+  Args:
+    out: [n_dest * capacity, D'] results of the rows `exchange_dispatch` delivered here.
+    slots: the `Slots` `exchange_dispatch` returned; k: items per row (dest.shape[1]).
+    axes, n_dest, combine_codec: as `exchange`.
+
+  Returns:
+    [R, k, D'] each item's result, zero where dropped or without destination.
+  """
+  comm = _hop_comm(axes, n_dest, out.shape[0] // n_dest)
   back = _send(combine_codec, out, comm)
-  per_item = take_rows(back, s.slot, s.src[:, None])
-  return per_item.reshape((r, k) + per_item.shape[1:]), s, aux
+  per_item = take_rows(back, slots.slot, slots.src[:, None])
+  return per_item.reshape((slots.slot.shape[0] // k, k) + per_item.shape[1:])
 
 
 # ------------------------------------------------------------------------ statistics
@@ -236,12 +279,32 @@ def _count(mask: jax.Array) -> jax.Array:
 # ------------------------------------------------------------------------ schedules
 
 
-def _local_moe(x, idx, weight, experts: ExpertsFn, n_experts, hops, topo):
-  """All experts on this device: every (token, expert) pair is computed (dropless)."""
-  t, d = x.shape
+class Dispatched(NamedTuple):
+  """A schedule's tokens in flight, between its `dispatch` and its `combine`.
+
+  rows: [N, D] the rows that arrived at this device's experts (N = buffer rows; all-zero
+    rows hold no token).
+  expert_ids: [N] int32 local expert id of each row, -1 for an empty row.
+  state: the schedule's own arrays that `combine` needs (slots of each hop, gate values...).
+  """
+
+  rows: jax.Array
+  expert_ids: jax.Array
+  state: Any
+
+
+def _local_dispatch(x, idx, weight):
+  """All experts on this device: one row per (token, expert) pair (dropless)."""
   k = idx.shape[1]
   flat = idx.reshape(-1)
-  out = experts(jnp.repeat(x, k, axis=0), flat)
+  return Dispatched(jnp.repeat(x, k, axis=0), flat, (idx, weight))
+
+
+def _local_combine(out, state, n_experts, hops, topo):
+  idx, weight = state
+  t, k = idx.shape
+  d = out.shape[-1]
+  flat = idx.reshape(-1)
   y = jnp.einsum("tkd,tk->td", out.reshape(t, k, d), weight.astype(out.dtype))
   zero = jnp.float32(0.0)
   stats = DispatchStats(
@@ -249,6 +312,12 @@ def _local_moe(x, idx, weight, experts: ExpertsFn, n_experts, hops, topo):
       needed_capacity=jnp.zeros((hops,), jnp.int32), rows_inter_node=zero, rows_intra_node=zero,
       buffer_rows_inter_node=zero, buffer_rows_intra_node=zero)
   return y, stats
+
+
+def _local_moe(x, idx, weight, experts: ExpertsFn, n_experts, hops, topo):
+  """All experts on this device: every (token, expert) pair is computed (dropless)."""
+  d = _local_dispatch(x, idx, weight)
+  return _local_combine(experts(d.rows, d.expert_ids), d.state, n_experts, hops, topo)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,17 +361,35 @@ class FlatSchedule:
     Returns:
       y: [T, D] routed-expert output (zero for padding); stats: `DispatchStats`.
     """
+    return _staged(self, x, topk_idx, topk_weight, valid, experts, capacity=capacity,
+                   topo=topo, n_experts=n_experts)
+
+  def dispatch(self, x, topk_idx, topk_weight, valid, *, capacity: tuple[int, ...],
+               topo: EPTopology, n_experts: int) -> Dispatched:
+    """The dispatch half of `__call__` (same arguments, without `experts`): `Dispatched`."""
     idx = jnp.where(valid[:, None], topk_idx, -1)
     if topo.n_devices == 1:
-      return _local_moe(x, idx, topk_weight, experts, n_experts, self.hops, topo)
+      return _local_dispatch(x, idx, topk_weight)
     (cap,) = capacity
-    n_dev = topo.n_devices
     e_local = topo.experts_per_device(n_experts)
     dest = jnp.where(idx >= 0, idx // e_local, -1)
-    per_pair, s, _ = exchange(
-        x, dest, cap, topo.axes, n_dev, lambda rows, it: (experts(rows, it[0]), None),
+    rows, (ids,), s = exchange_dispatch(
+        x, dest, cap, topo.axes, topo.n_devices,
         items=(jnp.where(idx >= 0, idx % e_local, -1).reshape(-1),),
-        dispatch_codec=self.dispatch_codec, combine_codec=self.combine_codec)
+        dispatch_codec=self.dispatch_codec)
+    return Dispatched(rows, ids, (idx, topk_weight, dest, s))
+
+  def combine(self, out, state, *, capacity: tuple[int, ...], topo: EPTopology,
+              n_experts: int):
+    """The combine half: expert outputs out [N, D] (rows of `dispatch`'s `Dispatched`) and its
+    `state` -> (y [T, D], `DispatchStats`), as `__call__` returns."""
+    if topo.n_devices == 1:
+      return _local_combine(out, state, n_experts, self.hops, topo)
+    idx, topk_weight, dest, s = state
+    (cap,) = capacity
+    n_dev = topo.n_devices
+    per_pair = exchange_combine(out, s, idx.shape[1], topo.axes, n_dev,
+                                combine_codec=self.combine_codec)
     y = jnp.einsum("tkd,tk->td", per_pair, topk_weight.astype(per_pair.dtype))
 
     flat = idx.reshape(-1)
@@ -322,6 +409,12 @@ class FlatSchedule:
             topo.n_replicas * n_dev * (topo.gpus_per_node - 1) * cap),
     )
     return y, stats
+
+
+def _staged(schedule, x, topk_idx, topk_weight, valid, experts: ExpertsFn, **kw):
+  """schedule.combine(experts(*schedule.dispatch(...)), ...): a schedule's `__call__`."""
+  d = schedule.dispatch(x, topk_idx, topk_weight, valid, **kw)
+  return schedule.combine(experts(d.rows, d.expert_ids), d.state, **kw)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -360,37 +453,57 @@ class TwoHopSchedule:
   def __call__(self, x, topk_idx, topk_weight, valid, experts: ExpertsFn, *,
                capacity: tuple[int, ...], topo: EPTopology, n_experts: int):
     """Same contract as `FlatSchedule.__call__`; capacity is (C1, C2)."""
+    return _staged(self, x, topk_idx, topk_weight, valid, experts, capacity=capacity,
+                   topo=topo, n_experts=n_experts)
+
+  def dispatch(self, x, topk_idx, topk_weight, valid, *, capacity: tuple[int, ...],
+               topo: EPTopology, n_experts: int) -> Dispatched:
+    """Both hops' dispatch (over `node`, then over `gpu` on the hop-1 receiver):
+    `Dispatched` rows at this device's experts (see `FlatSchedule.dispatch`)."""
     idx = jnp.where(valid[:, None], topk_idx, -1)
     if topo.n_devices == 1:
-      return _local_moe(x, idx, topk_weight, experts, n_experts, self.hops, topo)
+      return _local_dispatch(x, idx, topk_weight)
     c1, c2 = capacity
-    t, k = idx.shape
+    k = idx.shape[1]
     g = topo.gpus_per_node
     e_local = topo.experts_per_device(n_experts)
     e_node = e_local * g  # experts per node
-    my_node, my_gpu = topo.my_node(), topo.my_gpu()
-
-    def hop2(rx, received):
-      """On the hop-1 receiver: fan out to this node's experts, reduce per row in-node."""
-      ri, rw = received  # [R2, k] the rows' expert ids (all k of them) and gate values
-      in_node = jnp.where((ri >= 0) & (ri // e_node == my_node), ri % e_node, -1)
-      dest2 = jnp.where(in_node >= 0, in_node // e_local, -1)
-      per_pair, s2, _ = exchange(
-          rx, dest2, c2, topo.gpu_axis, g, lambda rows, it: (experts(rows, it[0]), None),
-          items=(jnp.where(in_node >= 0, in_node % e_local, -1).reshape(-1),),
-          dispatch_codec=self.dispatch_codec, combine_codec=self.combine_codec)
-      node_sum = jnp.einsum("rkd,rk->rd", per_pair, rw.astype(per_pair.dtype))
-      return node_sum, (s2, dest2.reshape(-1))
+    my_node = topo.my_node()
 
     # Hop 1: one copy per (token, destination node), to the same in-node GPU index.
     node = jnp.where(idx >= 0, idx // e_node, -1)
     earlier = jnp.tril(jnp.ones((k, k), jnp.bool_), -1)  # earlier[j, i]: i < j
     repeated = jnp.any((node[:, :, None] == node[:, None, :]) & earlier[None], axis=-1)
     dest1 = jnp.where(repeated, -1, node)
-    per_node, s1, (s2, dest2) = exchange(
-        x, dest1, c1, topo.node_axis, topo.n_nodes, hop2,
+    rx, (ri, rw), s1 = exchange_dispatch(
+        x, dest1, c1, topo.node_axis, topo.n_nodes,
         items=(jnp.repeat(idx, k, axis=0), jnp.repeat(topk_weight, k, axis=0)),
-        dispatch_codec=self.dispatch_codec, combine_codec=self.combine_codec)
+        dispatch_codec=self.dispatch_codec)
+    # Hop 2, on the hop-1 receiver: fan out to this node's experts. ri, rw: [R2, k] the rows'
+    # expert ids (all k of them) and gate values.
+    in_node = jnp.where((ri >= 0) & (ri // e_node == my_node), ri % e_node, -1)
+    dest2 = jnp.where(in_node >= 0, in_node // e_local, -1)
+    rows, (ids,), s2 = exchange_dispatch(
+        rx, dest2, c2, topo.gpu_axis, g,
+        items=(jnp.where(in_node >= 0, in_node % e_local, -1).reshape(-1),),
+        dispatch_codec=self.dispatch_codec)
+    return Dispatched(rows, ids, (idx, dest1, s1, rw, dest2.reshape(-1), s2))
+
+  def combine(self, out, state, *, capacity: tuple[int, ...], topo: EPTopology,
+              n_experts: int):
+    """Both hops' combine (reduce in-node over `gpu`, then back over `node`): (y [T, D],
+    `DispatchStats`), as `__call__` returns."""
+    if topo.n_devices == 1:
+      return _local_combine(out, state, n_experts, self.hops, topo)
+    idx, dest1, s1, rw, dest2, s2 = state
+    c1, c2 = capacity
+    k = idx.shape[1]
+    g = topo.gpus_per_node
+    my_node, my_gpu = topo.my_node(), topo.my_gpu()
+    per_pair = exchange_combine(out, s2, k, topo.gpu_axis, g, combine_codec=self.combine_codec)
+    node_sum = jnp.einsum("rkd,rk->rd", per_pair, rw.astype(per_pair.dtype))  # in-node reduce
+    per_node = exchange_combine(node_sum, s1, k, topo.node_axis, topo.n_nodes,
+                                combine_codec=self.combine_codec)
     y = per_node.sum(axis=1)  # one row per (token, node), zero for repeats
 
     kept1 = s1.slot >= 0
