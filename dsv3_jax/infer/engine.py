@@ -38,6 +38,7 @@ import numpy as np
 
 from dsv3_jax.infer import cache as cache_lib
 from dsv3_jax.infer.sampling import SamplingParams
+from dsv3_jax.infer.speculative import SpeculativeDecoder, check_speculative_depth
 from dsv3_jax.infer.steps import StepFunctions, for_mesh, model_mesh
 from dsv3_jax.model.transformer import Transformer
 
@@ -168,6 +169,10 @@ class Engine:
       sequences per device in a step, pages read per sequence in decode, prompt tokens in
       prefill (default: powers of two for batch and prompt, sizes growing by 1.25x for pages,
       up to the maximum; fewer buckets = fewer compilations, more padding).
+    speculative_depth: D > 0 = MTP speculative decoding with the model's first D MTP modules
+      (`infer.speculative`, report §5.4.3): each decode step verifies D drafts in one forward
+      and yields 1 .. D + 1 tokens; greedy only (a request with temperature > 0 is refused);
+      `counts` gains spec_forwards / spec_drafted / spec_accepted. Allowed: 0..mtp_depth.
 
   Raises:
     ValueError: a bad setting, naming it and the allowed values (before any work).
@@ -179,9 +184,11 @@ class Engine:
                decode_steps: int = 1,
                batch_buckets: Optional[Sequence[int]] = None,
                page_buckets: Optional[Sequence[int]] = None,
-               prompt_buckets: Optional[Sequence[int]] = None):
+               prompt_buckets: Optional[Sequence[int]] = None,
+               speculative_depth: int = 0):
     c = model.config
     self.config = c
+    speculative_depth = check_speculative_depth(speculative_depth, c)
     n_shards = 1 if mesh is None else mesh.size
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
       raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
@@ -214,6 +221,8 @@ class Engine:
                                               dtype=cache_dtype, num_shards=n_shards)
     self.steps = StepFunctions(model, self.spec, mesh, moe_kernel)
     self.pools = self.steps.init_pools()
+    self.speculative = (SpeculativeDecoder(self.steps, speculative_depth)
+                        if speculative_depth else None)
     self.allocators = [cache_lib.PageAllocator(num_pages) for _ in range(n_shards)]
     self.byte_level = c.vocab_size == BYTE_VOCAB
     self._next_id = 0
@@ -323,6 +332,10 @@ class Engine:
         or max_new_tokens <= 0:
       raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     sampling.validate(c.vocab_size)
+    if self.speculative is not None and sampling.temperature > 0:
+      raise ValueError(f"temperature={sampling.temperature}: speculative decoding "
+                       f"(speculative_depth={self.speculative.depth}) is greedy only; allowed: "
+                       "temperature=0 (or an Engine with speculative_depth=0 to sample)")
     bad = [t for t in stop_tokens if not (isinstance(t, (int, np.integer))
                                           and 0 <= t < c.vocab_size)]
     if bad:
@@ -477,8 +490,11 @@ class Engine:
       lens[r] = len(s.prompt)
       table[r, :len(s.pages)] = s.pages
     t0 = time.perf_counter()
-    nxt, logits, self.pools = self.steps.prefill(self.steps.state, self.pools, tokens, lens,
-                                                 table)
+    if self.speculative is not None:
+      nxt, logits, self.pools = self.speculative.prefill(self, rows, tokens, lens, table)
+    else:
+      nxt, logits, self.pools = self.steps.prefill(self.steps.state, self.pools, tokens, lens,
+                                                   table)
     nxt = self._choose(n, rows, nxt, logits, lens)
     logits = np.asarray(logits) if any(s.want_logits for s in seqs) else None
     self.timings["prefill_s"] += time.perf_counter() - t0
@@ -494,6 +510,8 @@ class Engine:
     return min(s.max_new_tokens - g, self.config.max_position_embeddings - n - g + 1)
 
   def _decode(self, seqs: list[_Sequence], events: list) -> None:
+    if self.speculative is not None:
+      return self.speculative.decode(self, seqs, events)
     b, rows = self._layout(seqs)
     n = b * self.spec.num_shards
     k = self.decode_steps
