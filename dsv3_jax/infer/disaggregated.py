@@ -18,7 +18,7 @@ What moves is MLA's latent cache, kv_lora_rank + qk_rope_head_dim values per tok
 whole pages: the moved bytes are pages x page_size x bytes/token, i.e. the prompt's tokens x
 bytes/token rounded up to whole pages. A materialised cache (per-head keys and values,
 num_heads x (qk_head_dim + v_head_dim) per token and layer) would move
-`materialised_kv_bytes_per_token` per token, 7.1x more for DeepSeek-V3. Both are counted in
+`materialised_kv_bytes_per_token` per token, 71x more for DeepSeek-V3 (4,997,120 B). Both are counted in
 `engine.counts` / `transfer_summary()`.
 
 The transfer is point to point, device to device, as an RDMA of the KV pages between a prefill
@@ -161,7 +161,8 @@ class DisaggregatedEngine(Engine):
   prefill mesh (as many at a time as its slots and pages allow), its first token emitted,
   then its cache pages move to the pages allocated for it on its decode device and the prefill
   pages are released; decoding is `Engine`'s, on the decode mesh. Greedy output equals the
-  colocated engine's.
+  colocated engine's. (V3 report §3.4, Insights §2.3: prefill and decode deployed separately,
+  with different expert-parallel sizes.)
 
   Args:
     model: the Transformer (any placement; it is re-sharded for each mesh with `for_mesh`).
@@ -202,8 +203,9 @@ class DisaggregatedEngine(Engine):
     _check_meshes(model.config, prefill_mesh, mesh)
     n_pre = prefill_mesh.size
     max_batch = kwargs.get("max_batch", 32)
-    if prefill_max_batch is None and isinstance(max_batch, int) and max_batch > 0:
-      prefill_max_batch = -(-max_batch // n_pre) * n_pre
+    if prefill_max_batch is None:  # (a bad max_batch is named by Engine's own check)
+      ok = isinstance(max_batch, int) and not isinstance(max_batch, bool) and max_batch > 0
+      prefill_max_batch = -(-max_batch // n_pre) * n_pre if ok else n_pre
     if isinstance(prefill_max_batch, bool) or not isinstance(prefill_max_batch, int) \
         or prefill_max_batch < 1 or prefill_max_batch % n_pre:
       raise ValueError(f"prefill_max_batch={prefill_max_batch!r} must be a positive multiple "
