@@ -38,6 +38,7 @@ import numpy as np
 
 from dsv3_jax.infer import cache as cache_lib
 from dsv3_jax.infer.sampling import SamplingParams
+from dsv3_jax.infer.overlap import check_micro_batches
 from dsv3_jax.infer.speculative import SpeculativeDecoder, check_speculative_depth
 from dsv3_jax.infer.steps import StepFunctions, for_mesh, model_mesh
 from dsv3_jax.model.transformer import Transformer
@@ -162,6 +163,8 @@ class Engine:
       `max_position_embeddings` tokens.
     cache_dtype: cache element dtype (default: the model's compute dtype).
     moe_kernel: see `StepFunctions`.
+    micro_batches: 1, or 2 for two micro-batch overlap of prefill and decode on a mesh (see
+      `StepFunctions`, `infer.overlap`); same tokens.
     decode_steps: decode steps per jitted call (tokens fed back on the device; sequences join
       and leave between calls, a sequence that stops inside a call ends there). 1 = one call
       per token.
@@ -181,7 +184,7 @@ class Engine:
   def __init__(self, model: Transformer, *, mesh=None, max_batch: int = 32,
                page_size: int = 16, num_pages: Optional[int] = None,
                cache_dtype: Optional[str] = None, moe_kernel: str = "serving",
-               decode_steps: int = 1,
+               micro_batches: int = 1, decode_steps: int = 1,
                batch_buckets: Optional[Sequence[int]] = None,
                page_buckets: Optional[Sequence[int]] = None,
                prompt_buckets: Optional[Sequence[int]] = None,
@@ -195,6 +198,7 @@ class Engine:
     if max_batch % n_shards:
       raise ValueError(f"max_batch={max_batch} must be a multiple of the {n_shards} devices of "
                        f"the mesh (allowed: {n_shards}, {2 * n_shards}, ...)")
+    check_micro_batches(micro_batches, mesh)
     if isinstance(decode_steps, bool) or not isinstance(decode_steps, int) or decode_steps < 1:
       raise ValueError(f"decode_steps must be a positive integer, got {decode_steps!r}")
     self.decode_steps = decode_steps
@@ -219,7 +223,7 @@ class Engine:
     self.max_batch = max_batch
     self.spec = cache_lib.CacheSpec.for_model(c, pages_per_shard=num_pages, page_size=page_size,
                                               dtype=cache_dtype, num_shards=n_shards)
-    self.steps = StepFunctions(model, self.spec, mesh, moe_kernel)
+    self.steps = StepFunctions(model, self.spec, mesh, moe_kernel, micro_batches)
     self.pools = self.steps.init_pools()
     self.speculative = (SpeculativeDecoder(self.steps, speculative_depth)
                         if speculative_depth else None)

@@ -24,6 +24,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dsv3_jax.infer import cache as cache_lib
+from dsv3_jax.infer import overlap as overlap_lib
 from dsv3_jax.infer.attention import mla_decode
 from dsv3_jax.infer.moe import local_moe
 from dsv3_jax.infer.sampling import sample
@@ -84,12 +85,16 @@ class StepFunctions:
     mesh: None or the (`node`, `gpu`) mesh the model's experts are sharded over.
     moe_kernel: on one device, "serving" (the decode-sized grouped kernel of `infer.moe`) or
       "module" (`DeepSeekMoE.__call__`); on a mesh always the module (dispatch schedules).
+    micro_batches: 1, or 2 for two micro-batch overlap on a mesh (`infer.overlap`: each
+      device's rows split in halves, one half's dispatch / combine between the other's
+      attention and experts; an odd per-device batch gets one padding row; same outputs).
   """
 
   def __init__(self, model: Transformer, spec: cache_lib.CacheSpec, mesh=None,
-               moe_kernel: str = "serving"):
+               moe_kernel: str = "serving", micro_batches: int = 1):
     if moe_kernel not in ("serving", "module"):
       raise ValueError(f"moe_kernel={moe_kernel!r}; allowed: ('serving', 'module')")
+    self.micro_batches = overlap_lib.check_micro_batches(micro_batches, mesh)
     self.config: ModelConfig = model.config
     self.spec = spec
     self.mesh = mesh
@@ -197,6 +202,8 @@ class StepFunctions:
     """The decoder over whole prompts: (h [b, S, hidden] before the final norm, pools)."""
     mask, cos, sin, slots = self._prefill_geometry(tokens, lens, page_table)
     h = model.embed(tokens)
+    if self.micro_batches == 2:
+      return overlap_lib.prefill_layers(self, model, h, pools, mask, cos, sin, slots)
     pools = list(pools)
     for i, layer in enumerate(model.layers):
       h, pools[i] = self._prefill_layer(layer, h, cos, sin, pools[i], slots, mask)
@@ -235,6 +242,9 @@ class StepFunctions:
     """(h [b, T, hidden] before the final norm, pools) of new tokens [b, T] at positions."""
     cos, sin = rope_cos_sin(positions, self.inv_freq, self.rope_scale)
     h = model.embed(tokens)
+    if self.micro_batches == 2:
+      return overlap_lib.decode_layers(self, model, h, pools, cos, sin, page_table, positions,
+                                       valid)
     pools = list(pools)
     for i, layer in enumerate(model.layers):
       h, pools[i] = self._decode_layer(layer, h, cos, sin, pools[i], page_table, positions,
