@@ -99,6 +99,16 @@ def test_a_request_that_ends_at_its_first_token_moves_nothing(engine, colocated,
   assert engine.compiles == {"prefill": 1, "generate": 1}
 
 
+def test_a_sampled_first_token_is_drawn_on_the_prefill_mesh_as_colocated(engine, colocated,
+                                                                          prompts):
+  ids = [p for p, _ in prompts[:4]]
+  key = jax.random.key(7)
+  got = engine.generate(ids, max_new_tokens=1, temperature=1.0, top_k=20, key=key)
+  want = colocated.generate(ids, max_new_tokens=1, temperature=1.0, top_k=20, key=key)
+  assert [o.tokens for o in got] == [o.tokens for o in want]
+  assert engine.compiles["prefill_sample"] == 1 and "generate_sampled" not in engine.compiles
+
+
 def test_overlapping_or_too_many_devices_are_refused(model):
   d = jax.devices()
   with pytest.raises(ValueError, match=r"prefill_mesh and mesh \(decode\) share 2 device\(s\) "
