@@ -177,7 +177,8 @@ class DisaggregatedEngine(Engine):
     prefill_batch_buckets: prompts per prefill device in a prefill call (default powers of
       two up to prefill_max_batch / prefill mesh size).
     **kwargs: the decode engine's settings (`Engine`: max_batch, page_size, num_pages,
-      cache_dtype, decode_steps, buckets, ...; page_size and cache_dtype are shared).
+      cache_dtype, decode_steps, micro_batches, buckets, ...; page_size, cache_dtype,
+      moe_kernel and micro_batches apply to both meshes).
 
   Attributes beyond `Engine`'s:
     counts["transfer_bytes"]: bytes moved prefill -> decode (whole pages, all layers).
@@ -227,7 +228,8 @@ class DisaggregatedEngine(Engine):
         _pow2_buckets(1, self.prefill_slots_per_shard), self.prefill_slots_per_shard)
     self.prefill_model = for_mesh(model, prefill_mesh, prefill_config)
     self.prefill_steps = StepFunctions(self.prefill_model, self.prefill_spec, prefill_mesh,
-                                       kwargs.get("moe_kernel", "serving"))
+                                       kwargs.get("moe_kernel", "serving"),
+                                       micro_batches=kwargs.get("micro_batches", 1))
     self.prefill_pools = self.prefill_steps.init_pools()
     self.prefill_allocators = [cache_lib.PageAllocator(prefill_num_pages) for _ in range(n_pre)]
 
