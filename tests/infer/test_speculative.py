@@ -85,6 +85,21 @@ def reference(model):
   return drafts
 
 
+def _poison_stale_rows(engine, seq):
+  """NaN into every cache row of `seq` that no later step may read before rewriting it: main
+  pools from position `cached` on, MTP depth d from cached - d + 1 on (module docstring)."""
+  ps = engine.spec.page_size
+  pos = np.arange(len(seq.pages) * ps)
+  page = engine.spec.pages_per_shard * seq.shard + np.asarray(seq.pages)[pos // ps]
+
+  def poison(pool, first):
+    return pool.at[page[pos >= first], pos[pos >= first] % ps].set(np.nan)
+
+  engine.pools = tuple(poison(pool, seq.cached) for pool in engine.pools)
+  sp = engine.speculative
+  sp.pools = tuple(poison(pool, seq.cached - d + 1) for d, pool in enumerate(sp.pools, 1))
+
+
 def _counts(engine):
   return {k: engine.counts[k] for k in ("decode_tokens", "spec_forwards", "spec_drafted",
                                         "spec_accepted")}
@@ -121,7 +136,7 @@ def test_forced_drafts_are_accepted_and_mtp_drafts_match_the_full_forward(plain,
   """Drafts set to the right tokens (both, the first only, none) are accepted exactly as far as
   they are right; the output stays the plain greedy one; and after every call (accepted and
   rejected drafts rolled back in the main and the MTP caches) the MTP drafts equal the full
-  forward's MTP predictions."""
+  forward's MTP predictions; NaN written into the rolled-back rows never reaches an output."""
   engine = spec2
   prompt, ref, max_new = prompts[0], plain[1][0], MAX_NEW[0]
 
@@ -156,6 +171,7 @@ def test_forced_drafts_are_accepted_and_mtp_drafts_match_the_full_forward(plain,
       assert c["spec_accepted"] == expect, calls
     if s.finish_reason is not None:
       break
+    _poison_stale_rows(engine, s)  # rolled-back entries are never read (the output stays exact)
     g = len(s.generated)
     exp, margin = mtp_drafts(g)
     got = engine.speculative.drafts_of(rid)
