@@ -415,14 +415,20 @@ def launch(target: str, n_devices: int, processes: int, kwargs: Optional[dict] =
           sys.stdout.flush()
       failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
       if failed:
-        i, c = failed[0]
+        # The cause first: a worker killed by a signal (its peers then fail on the closed
+        # connections of their collectives, often within the same poll interval), else the
+        # lowest process id.
+        i, c = min(failed, key=lambda f: (f[1] > 0, f[0]))
         found = time.time()
         kill_all()
         how = (f"was killed by signal {_signal_name(-c)}" if c < 0 else
                f"exited with code {c}")
+        also = "".join(f"; process {j} exited with code {cj} too" if cj > 0 else
+                       f"; process {j} was killed by signal {_signal_name(-cj)} too"
+                       for j, cj in failed if j != i)
         raise _error(trace,
             f"launch: process {i} of {processes} (pid {procs[i].pid}) {how} after "
-            f"{found - start:.1f} s; all workers killed {time.time() - found:.1f} s later "
+            f"{found - start:.1f} s{also}; all workers killed {time.time() - found:.1f} s later "
             f"(found within --poll {poll_s} s). Log "
             f"{os.path.join(log_dir, f'process_{i}.log')} ends with:\n"
             f"{_tail(os.path.join(log_dir, f'process_{i}.log'))}")

@@ -24,6 +24,21 @@ import orbax.checkpoint as ocp
 from dsv3_jax.train import integrity
 
 
+_barriers = [0]
+
+
+def sync(name: str) -> None:
+  """Waits until every process of a multi-process run reaches this point (a barrier of the
+  coordination service, `cluster.launch.barrier`, named `name` plus a call counter, which is
+  the same on every process because they run the same calls); a no-op in one process."""
+  if jax.process_count() == 1:
+    return
+  from dsv3_jax.cluster.launch import barrier
+
+  _barriers[0] += 1
+  barrier(f"dsv3_train_{name}_{_barriers[0]}")
+
+
 class CheckpointDamaged(ValueError):
   """A checkpoint step that cannot be read back intact: `step`, `item` ('state' or 'meta')
   and `reason`."""
@@ -139,15 +154,20 @@ class Checkpointer:
 
   def set_aside(self, step: int) -> str:
     """Moves step `step` out of the checkpoint directory to `<workdir>/checkpoints_damaged/`
-    (kept for inspection, never deleted); returns the new path."""
+    (kept for inspection, never deleted); returns the new path. In a multi-process run every
+    process calls it: process 0 moves the directory (shared by the processes of this machine),
+    the others wait for it and reload."""
     src = os.path.join(self.directory, str(step))
     dest_root = os.path.join(self.workdir, "checkpoints_damaged")
-    os.makedirs(dest_root, exist_ok=True)
     dest = os.path.join(dest_root, str(step))
     n = 1
     while os.path.exists(dest):
       dest, n = os.path.join(dest_root, f"{step}.{n}"), n + 1
-    shutil.move(src, dest)
+    sync("set_aside_before")
+    if jax.process_index() == 0:
+      os.makedirs(dest_root, exist_ok=True)
+      shutil.move(src, dest)
+    sync("set_aside_after")
     self.manager.reload()
     return dest
 

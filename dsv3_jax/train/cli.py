@@ -57,13 +57,16 @@ def main(argv) -> None:
 
 
 def train_target(config: str, overrides: Optional[dict] = None) -> dict:
-  """A `dsv3_jax.cluster.launch` target: trains (or resumes) `config` in the launched worker.
+  """A `dsv3_jax.cluster.launch` target: trains (or resumes) `config` in the launched worker(s).
 
       python -m dsv3_jax.cluster.launch run --devices 1 --processes 1 \\
           --target dsv3_jax.train.cli:train_target \\
           --kwargs '{"config": "configs/tiny.py", "overrides": {"train.steps": 20}}'
 
-  Rerunning the same command after a failure resumes from the newest intact checkpoint.
+  With --processes P > 1 (and --devices N = mesh.nodes x mesh.gpus_per_node), the P workers
+  train one job on one global mesh over all of their devices (trainer module docstring,
+  "Multi-process"); process 0 writes the run's files. If a worker dies, the launcher stops the
+  others and names it; rerunning the same command resumes from the newest intact checkpoint.
 
   Args:
     config: a config file (configs/*.py).
@@ -71,19 +74,13 @@ def train_target(config: str, overrides: Optional[dict] = None) -> dict:
       line (lists for tuple fields).
 
   Returns:
-    The run's summary dict (summary.json).
+    The run's summary dict (summary.json), on every process.
 
   Raises:
-    ValueError: a bad config, or more than one process (the trainer runs in one process; the
-      launcher's multi-process mode serves the step benchmarks of experiments/scale_2048.py).
+    ValueError: a bad config (e.g. a mesh that does not split evenly over the processes).
   """
-  import jax
-
   from dsv3_jax.train import trainer
 
-  if jax.process_count() > 1:
-    raise ValueError(f"train_target: the trainer runs in one process, got "
-                     f"{jax.process_count()}; launch it with --processes 1")
   cfg = _load_config_file(config)
   if overrides:  # JSON has no tuples: lists become tuples (data.paths, model.fp8_layers)
     cfg.update_from_flattened_dict({k: tuple(v) if isinstance(v, list) else v

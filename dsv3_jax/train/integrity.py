@@ -52,12 +52,24 @@ def _finite_flags(leaves):
 def nonfinite_leaves(tree) -> list[str]:
   """Names of the leaves of `tree` (arrays) that hold a NaN or an infinity."""
   named = named_leaves(tree)
-  flags = np.asarray(jax.device_get(_finite_flags([x for _, x in named])))
+  flags = _host(_finite_flags([x for _, x in named]))
   return [n for (n, _), ok in zip(named, flags) if not ok]
 
 
 def _host(x) -> np.ndarray:
-  a = np.asarray(jax.device_get(x))
+  """The whole value of `x` on this host, C-contiguous.
+
+  A jax.Array that spans other processes' devices (a multi-process run's expert weights) is
+  gathered first (`multihost_utils.process_allgather`, tiled: a collective over the array's
+  own devices, so every process calls this for the same leaves in the same order); a
+  replicated or process-local one is read as it is. Every process therefore sees the same
+  bytes, and a digest of them equals the single-process one."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+    from jax.experimental import multihost_utils
+
+    a = np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  else:
+    a = np.asarray(jax.device_get(x))
   return a if a.flags.c_contiguous else a.copy(order="C")  # (ascontiguousarray makes 0-d 1-d)
 
 
@@ -71,8 +83,9 @@ def digest(a: np.ndarray) -> str:
 def leaf_checksums(tree) -> dict[str, dict]:
   """{leaf name: {"shape": [...], "dtype": str, "blake2b": hex}} for every leaf of `tree`.
 
-  Copies every leaf to the host (single-process; for a multi-process run each process would
-  hash the shards it holds)."""
+  Copies every leaf to the host (`_host`: in a multi-process run a leaf sharded over several
+  processes is gathered, so every process computes the same digests, equal to those of a
+  single-process run of the same state; the cost is one all-gather of the sharded leaves)."""
   out = {}
   for name, x in named_leaves(tree):
     a = _host(x)
@@ -161,9 +174,12 @@ class ReplicaChecker:
       self.groups.append([g for g in by_index.values() if len(g) > 1])
 
   def sums(self, tree) -> np.ndarray:
-    """[devices, leaves, 2] uint32 checksums, devices in mesh order (mesh.devices flattened)."""
+    """[devices, leaves, 2] uint32 checksums, devices in mesh order (mesh.devices flattened).
+
+    In a multi-process run the per-device rows are gathered onto every process (a [devices,
+    leaves, 2] all-gather), so every process compares all of them and stops alike."""
     leaves = [x for _, x in named_leaves(tree)]
-    return np.asarray(jax.device_get(self._fn(*leaves)))
+    return _host(self._fn(*leaves))
 
   def check(self, tree) -> list[tuple[str, list]]:
     """[(leaf name, [devices whose copy differs from the majority of its replicas, or every

@@ -7,6 +7,17 @@ writes `<workdir>/{config.json, metrics.jsonl, events.out.tfevents.* (TensorBoar
 summary.json, checkpoints/}`. The objective lives in `losses.py`, the step in `step.py`; their
 public names are re-exported here.
 
+Multi-process (`jax.process_count() > 1`, e.g. started by `dsv3_jax.cluster.launch` through
+`cli.train_target`): every process runs this same code on one global (`node`, `gpu`) mesh over
+`cluster.launch.cluster_devices` (N / P devices of each of the P processes, process 0's first).
+Every process reads the same deterministic data and builds the same initial state; each global
+array is assembled from the slices this process's devices hold (`make_array_from_callback`).
+Host values (metrics, held-out loss, the replica check's checksums) are replicated outputs or
+all-gathered, so every process takes the same decisions (capacity growth, skipped steps,
+stops). orbax saves and restores on every process (the checkpoint directory is shared: the
+processes run on one machine); only process 0 writes config.json, metrics.jsonl, the
+TensorBoard events, summary.json and run_history.jsonl.
+
 Dropless mode (`train.dropless`): MoE buffers have a static capacity (XLA needs static shapes);
 each step reports the capacity it needed, and a step that would have dropped a token is
 discarded and recomputed with a larger capacity (one recompilation per growth). The applied
@@ -81,6 +92,13 @@ def validate(cfg, log: Optional[Callable[[str], None]] = None) -> ModelConfig:
       raise ValueError(f"{name} must be a positive integer, got {v!r}")
   n_dev = nodes * gpus
   have = jax.device_count()
+  procs = jax.process_count()
+  if procs > 1 and (n_dev % procs or n_dev // procs > jax.local_device_count()):
+    raise ValueError(
+        f"the mesh mesh.nodes x mesh.gpus_per_node = {nodes} x {gpus} = {n_dev} devices must "
+        f"split evenly over the {procs} processes, at most {jax.local_device_count()} (the "
+        f"local devices of each) per process; allowed sizes: multiples of {procs} up to "
+        f"{procs * jax.local_device_count()}")
   if have < n_dev:
     raise ValueError(
         f"the mesh mesh.nodes x mesh.gpus_per_node = {nodes} x {gpus} needs {n_dev} devices but "
@@ -192,6 +210,19 @@ class _Job:
   worst: tuple[int, ...]  # per-hop capacity that can never overflow
   initial_capacity: tuple[int, ...]
   state: dict  # {"params", "other", "opt_state"}: the checkpointed pytrees
+  processes: int = 1  # jax.process_count()
+
+
+def _global_put(tree, shardings):
+  """Multi-process: a pytree of process-local arrays, the same value on every process, placed
+  as global arrays with `shardings` (a matching tree of NamedShardings): each process copies
+  only the slices its own devices hold (`jax.make_array_from_callback`; no collective, unlike
+  `jax.device_put`, which first checks that every process passed the same value)."""
+  def put(x, sharding):
+    host = np.asarray(jax.device_get(x))
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+  return jax.tree.map(put, tree, shardings)
 
 
 def _load_data(cfg, model_cfg: ModelConfig, log):
@@ -221,24 +252,48 @@ def _build(cfg, model_cfg: ModelConfig, log) -> _Job:
   t, seq = cfg.train, cfg.data.seq_len
   entropies, windows, dataset = _load_data(cfg, model_cfg, log)
   n_dev = cfg.mesh.nodes * cfg.mesh.gpus_per_node
-  mesh = (make_mesh(cfg.mesh.nodes, cfg.mesh.gpus_per_node, cfg.mesh.get("ep_nodes"))
-          if n_dev > 1 else None)
-  model = Transformer(model_cfg, mesh=mesh, rngs=nnx.Rngs(t.seed))
-  if mesh is not None:
-    shard_model(model, mesh)
+  procs = jax.process_count()
+  if procs > 1:
+    from dsv3_jax.cluster.launch import cluster_devices
+    from dsv3_jax.parallel.mesh import state_shardings
+
+    mesh = make_mesh(cfg.mesh.nodes, cfg.mesh.gpus_per_node, cfg.mesh.get("ep_nodes"),
+                     devices=cluster_devices(n_dev))
+    # The same seed on every process: the same initial values, placed slice by slice.
+    model = Transformer(model_cfg, mesh=mesh, rngs=nnx.Rngs(t.seed))
+    state = nnx.state(model)
+    nnx.update(model, _global_put(state, state_shardings(state, mesh)))
+  else:
+    mesh = (make_mesh(cfg.mesh.nodes, cfg.mesh.gpus_per_node, cfg.mesh.get("ep_nodes"))
+            if n_dev > 1 else None)
+    model = Transformer(model_cfg, mesh=mesh, rngs=nnx.Rngs(t.seed))
+    if mesh is not None:
+      shard_model(model, mesh)
   graphdef, params, other = nnx.split(model, nnx.Param, ...)
   optimizer = make_optimizer(t)
   opt_state = optimizer.init(params)
   if mesh is not None:
     # Moments inherit the parameters' shardings; scalars (the step count) are replicated.
     replicated = NamedSharding(mesh, P())
-    opt_state = jax.tree.map(
-        lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated),
-        opt_state)
+    if procs > 1:
+      opt_state = jax.tree.map(
+          lambda x: x if isinstance(x.sharding, NamedSharding) else _global_put(x, replicated),
+          opt_state)
+    else:
+      opt_state = jax.tree.map(
+          lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated),
+          opt_state)
     sh = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
     p_sh, o_sh, opt_sh = sh(params), sh(other), sh(opt_state)
     batch_sharding = NamedSharding(mesh, P(tuple(mesh.axis_names)))
-    put = lambda x: jax.device_put(np.asarray(x), batch_sharding)
+    if procs > 1:
+      # Every process holds the whole global batch (the same deterministic windows) and
+      # hands its devices their rows: x[B_{node,gpu}, L].
+      def put(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, batch_sharding, lambda idx: x[idx])
+    else:
+      put = lambda x: jax.device_put(np.asarray(x), batch_sharding)
   else:
     p_sh = o_sh = opt_sh = None
     put = jnp.asarray
@@ -250,7 +305,29 @@ def _build(cfg, model_cfg: ModelConfig, log) -> _Job:
       n_dev=n_dev, fns=fns, mesh=mesh, put=put, moe0=moe0, tokens_per_step=tokens_per_step,
       worst=moe0.worst_case_capacity(tokens_per_step) if moe0 else (1,),
       initial_capacity=moe0.initial_capacity(tokens_per_step) if moe0 else (1,),
-      state={"params": params, "other": other, "opt_state": opt_state})
+      state={"params": params, "other": other, "opt_state": opt_state}, processes=procs)
+
+
+def _damaged_anywhere(job: _Job, ckpt, step: int, err):
+  """Multi-process: the restore of `step` counts as damaged when it failed on any process
+  (a data file can be unreadable in one process's slices only); returns the
+  `CheckpointDamaged` to act on (this process's own, or one naming the processes that failed),
+  or None when every process restored it. Single-process: `err` unchanged."""
+  if job.processes == 1:
+    return err
+  from dsv3_jax.train.checkpoint import CheckpointDamaged
+
+  n = job.mesh.size
+  sharding = NamedSharding(job.mesh, P(tuple(job.mesh.axis_names)))
+  flag = np.int32(err is not None)
+  flags = jax.make_array_from_callback(
+      (n,), sharding, lambda idx: np.full(len(range(n)[idx[0]]), flag, np.int32))
+  flags = integrity._host(flags)
+  if err is not None or not flags.any():
+    return err
+  failed = sorted({d.process_index for d, f in zip(job.mesh.devices.reshape(-1), flags) if f})
+  return CheckpointDamaged(ckpt.directory, step, "state",
+                           f"could not be read on process(es) {failed}")
 
 
 def _restore(job: _Job, ckpt, log) -> tuple[dict, tuple[int, ...], int]:
@@ -266,12 +343,16 @@ def _restore(job: _Job, ckpt, log) -> tuple[dict, tuple[int, ...], int]:
   from dsv3_jax.train.checkpoint import CheckpointDamaged
 
   for step in reversed(ckpt.all_steps()):
+    err = None
     try:
       state, meta = ckpt.restore(step, job.state)
     except CheckpointDamaged as e:
+      err = e
+    err = _damaged_anywhere(job, ckpt, step, err)
+    if err is not None:
       where = ckpt.set_aside(step)
       older = [s for s in ckpt.all_steps() if s < step]
-      log(f"warning: {e}; moved it to {where}; "
+      log(f"warning: {err}; moved it to {where}; "
           + (f"falling back to step {older[-1]}" if older else "no older checkpoint: "
              "training starts from step 0"))
       continue
@@ -409,6 +490,16 @@ def _loop(job: _Job, run: _Run, start: int, ckpt, writer, *, progress: bool, log
   return run
 
 
+class _NoWriter:
+  """The metrics writer of the processes other than 0 (they write no files)."""
+
+  def write(self, metrics) -> None:
+    del metrics
+
+  def close(self) -> None:
+    pass
+
+
 def _last_checkpoint(ckpt) -> str:
   step = ckpt.latest_step()
   if step is None:
@@ -468,8 +559,9 @@ def _summarize(job: _Job, run: _Run, start: int, log) -> dict:
     for key in ("step_time_s", "tokens_per_s", "first_step_s", "recompiles", "final"):
       if key in before:
         summary[key] = before[key]
-  with open(summary_path, "w") as f:
-    f.write(metrics_lib.dumps(summary, indent=2))
+  if job.processes == 1 or jax.process_index() == 0:
+    with open(summary_path, "w") as f:
+      f.write(metrics_lib.dumps(summary, indent=2))
   log(f"held-out loss {run.heldout:.4f} nats/byte (bigram entropy {h2:.3f}) | step "
       f"{summary['step_time_s']:.3f} s | {summary['tokens_per_s']:.0f} tokens/s")
   return summary
@@ -486,6 +578,9 @@ def train(cfg, *, progress: bool = True, log: Callable[[str], None] = print,
   `after_step(step, state) -> state`, if given, runs after every step (steps counted from 1)
   and its result continues training: a fault-injection point for tests.
 
+  In a multi-process run every process calls `train(cfg)` with the same config (module
+  docstring, "Multi-process"); each returns the same summary, process 0 writes the files.
+
   Returns:
     The summary dict (held-out loss in nats/byte, step time, tokens/s, compile time, ...).
 
@@ -495,7 +590,7 @@ def train(cfg, *, progress: bool = True, log: Callable[[str], None] = print,
       at a checkpoint, or a replica mismatch (train.sdc_check_every); checkpoints written
       before stay (all finite), and rerunning resumes from the newest.
   """
-  from dsv3_jax.train.checkpoint import Checkpointer
+  from dsv3_jax.train.checkpoint import Checkpointer, sync
   from dsv3_jax.train.metrics import MetricsWriter
 
   from dsv3_jax.train import resume
@@ -504,6 +599,8 @@ def train(cfg, *, progress: bool = True, log: Callable[[str], None] = print,
   t = cfg.train
   changes = resume.check(cfg, t.workdir)  # refuses math changes before anything is written
   job = _build(cfg, model_cfg, log)
+  primary = jax.process_index() == 0  # writes the run's files (every process checkpoints)
+  sync("checked")  # every process has read config.json before process 0 rewrites it
   os.makedirs(t.workdir, exist_ok=True)
   ckpt = Checkpointer(t.workdir, save_every=t.checkpoint_every)
   # Restore first: a checkpoint of another model fails before anything is written.
@@ -517,14 +614,15 @@ def train(cfg, *, progress: bool = True, log: Callable[[str], None] = print,
     log(f"warning: resuming at step {start} with changed settings (train.allow_config_change"
         f"): {', '.join(f'{k} {a!r} -> {b!r}' for k, (a, b) in changes.items())}; recorded in "
         f"{os.path.join(t.workdir, resume.HISTORY)}")
-  resume.record(t.workdir, start, changes, "resume" if start else "start")
-  dropped = resume.trim_metrics(t.workdir, start)
-  if dropped:
-    log(f"metrics.jsonl: dropped {dropped} lines after step {start} (written after the "
-        "checkpoint resumed from, or garbled)")
-  with open(os.path.join(t.workdir, "config.json"), "w") as f:
-    f.write(cfg.to_json(indent=2))
-  writer = MetricsWriter(t.workdir)
+  if primary:
+    resume.record(t.workdir, start, changes, "resume" if start else "start")
+    dropped = resume.trim_metrics(t.workdir, start)
+    if dropped:
+      log(f"metrics.jsonl: dropped {dropped} lines after step {start} (written after the "
+          "checkpoint resumed from, or garbled)")
+    with open(os.path.join(t.workdir, "config.json"), "w") as f:
+      f.write(cfg.to_json(indent=2))
+  writer = MetricsWriter(t.workdir) if primary else _NoWriter()
   try:
     run = _loop(job, run0, start, ckpt, writer, progress=progress, log=log,
                 after_step=after_step)
