@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_run import tiny_cfg
 
-from configs import tiny
 from dsv3_jax.train import trainer
 
 
@@ -56,18 +56,7 @@ def test_grow_capacity():
   assert trainer.grow_capacity((32,), np.array([250]), (256,)) == (256,)  # capped
 
 
-def _tiny_cfg(tmp_path, **train):
-  c = tiny.get_config()
-  c.model.update(dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-                      num_attention_heads=4, q_lora_rank=32, kv_lora_rank=16,
-                      qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
-                      n_routed_experts=8, num_hidden_layers=2, max_position_embeddings=64))
-  c.data.seq_len = 64
-  c.data.eval_sequences = 16
-  c.train.update(dict(batch_size=8, steps=30, warmup_steps=5, log_every=10, eval_every=30,
-                      checkpoint_every=15, workdir=str(tmp_path / "run"), learning_rate=3e-3))
-  c.train.update(train)
-  return c
+_tiny_cfg = tiny_cfg  # tests/train/tiny_run.py: 2 layers, hidden 64, 8 experts, 30 steps
 
 
 def test_short_run_learns_resumes_and_writes_metrics(tmp_path):
