@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--gpus-per-node", type=int, default=1, help="mesh devices per node")
   p.add_argument("--page-size", type=int, default=16, help="cache tokens per page")
   p.add_argument("--num-pages", type=int, default=None, help="cache pages per device")
+  p.add_argument("--speculative-depth", type=int, default=0,
+                 help="MTP speculative decoding with this many MTP modules (greedy only; "
+                      "0 = off; at most the checkpoint's MTP depth)")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                  help="compute dtype (--hf only; a run keeps its trained dtype)")
   return p
@@ -69,6 +72,11 @@ def check_args(args) -> None:
                   ("--page-size", args.page_size)):
     if v < 1:
       raise ValueError(f"{name} must be a positive integer, got {v}")
+  if args.speculative_depth < 0:
+    raise ValueError(f"--speculative-depth must be >= 0 (0 = off), got {args.speculative_depth}")
+  if args.speculative_depth and args.temperature > 0:
+    raise ValueError(f"--speculative-depth {args.speculative_depth} is greedy only; allowed: "
+                     f"--temperature 0 (got {args.temperature}) or --speculative-depth 0")
   if args.num_pages is not None and args.num_pages < 1:
     raise ValueError(f"--num-pages must be a positive integer, got {args.num_pages}")
   if args.prompt is not None and not args.prompt:
@@ -116,7 +124,8 @@ def main(argv=None, out=None) -> int:
     n = len(prompt.encode("utf-8")) if isinstance(prompt, str) else len(prompt)
     pages = -(-(n + args.max_new_tokens - 1) // args.page_size)
     kw = dict(mesh=mesh, max_batch=n_dev, page_size=args.page_size, num_pages=args.num_pages,
-              prompt_buckets=(n,), page_buckets=(pages,))
+              prompt_buckets=(n,), page_buckets=(pages,),
+              speculative_depth=args.speculative_depth)
     if args.workdir is not None:
       engine = Engine.from_workdir(args.workdir, step=args.step, **kw)
     else:
@@ -143,9 +152,14 @@ def main(argv=None, out=None) -> int:
   out.write("\n")
   dt = time.perf_counter() - t0
   done = engine.completion(rid)
+  spec = ""
+  if args.speculative_depth:
+    c = engine.counts
+    spec = (f", MTP drafts accepted {c['spec_accepted']} of {c['spec_drafted']}, "
+            f"{n / max(1, c['spec_forwards'] + c['prefill_calls']):.2f} tokens per forward")
   print(f"[{n} tokens in {dt:.2f} s ({n / dt:.1f} tokens/s incl. compilation), finish: "
         f"{done.finish_reason}, compilations: {engine.compiles}, cache "
-        f"{engine.cache_bytes_per_token():.0f} B/token]", file=err)
+        f"{engine.cache_bytes_per_token():.0f} B/token{spec}]", file=err)
   return 0
 
 

@@ -32,6 +32,8 @@ def test_generate_from_a_hugging_face_checkpoint_prints_the_greedy_completion(ca
     (["--prompt", "x", "--temperature", "-1"], "--temperature"),
     (["--prompt-ids", "1,x"], "--prompt-ids must be comma-separated integers"),
     (["--prompt", "x", "--nodes", "0"], "--nodes"),
+    (["--prompt", "x", "--speculative-depth", "-1"], "--speculative-depth must be >= 0"),
+    (["--prompt", "x", "--speculative-depth", "1", "--temperature", "0.5"], "greedy only"),
 ])
 def test_bad_settings_name_the_option(args, match, capsys):
   assert cli.main(["--hf", REF] + args) == 2
@@ -54,3 +56,6 @@ def test_requests_the_model_cannot_take_are_refused_after_loading(capsys):
   assert cli.main(["--hf", REF, "--prompt", "x", "--num-pages", "1",
                    "--max-new-tokens", "100"]) == 2
   assert "cache.num_pages=1" in capsys.readouterr().err
+  # the reference checkpoints have no MTP module
+  assert cli.main(["--hf", REF, "--prompt", "x", "--speculative-depth", "1"]) == 2
+  assert re.search(r"speculative_depth=1; allowed: 0", capsys.readouterr().err)
