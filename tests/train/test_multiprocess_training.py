@@ -11,7 +11,8 @@ import subprocess
 import time
 
 import pytest
-from tiny_run import ONE_MOE_LAYER, ROOT, launch_command, small_corpus, tiny_cfg, worker_pids
+from tiny_run import (ONE_MOE_LAYER, ROOT, flip_12_bytes, launch_command, small_corpus,
+                      tiny_cfg, worker_pids)
 
 from dsv3_jax.train.metrics import read_metrics
 
@@ -115,3 +116,25 @@ def test_kill_9_of_one_worker_stops_both_and_the_same_command_resumes_bit_identi
   assert results[0]["heldout_loss"] == ref_results[0]["heldout_loss"]
   print(f"kill -9 of process 1 -> launcher exited after {stop_s:.1f} s; resumed at step "
         f"{newest}, killed run had logged {max(before)}")
+
+
+def test_a_damaged_newest_checkpoint_is_set_aside_by_both_processes_and_the_older_resumed(
+    reference):
+  import shutil
+
+  tmp, _, ref_losses = reference
+  work = tmp / "damaged"
+  shutil.copytree(tmp / "reference", work)
+  flip_12_bytes(str(work / "checkpoints" / "8"))  # found by the all-gathered checksums
+  r = subprocess.run(_launch(_cfg(tmp, work), tmp / "logs"), cwd=ROOT, env=ENV,
+                     capture_output=True, text=True, timeout=900)
+  assert r.returncode == 0, r.stderr[-4000:]
+  results = json.loads(r.stdout)["results"]
+  assert results[0]["resumed_from"] == results[1]["resumed_from"] == 6
+  for i in (0, 1):
+    log = (tmp / "logs" / f"process_{i}.log").read_text()
+    assert f"checkpoint step 8 in {work}/checkpoints is damaged (item 'state'" in log, log[-3000:]
+    assert "falling back to step 6" in log
+  assert (work / "checkpoints_damaged" / "8").is_dir()  # moved once, by process 0
+  assert sorted(os.listdir(work / "checkpoints")) == ["6", "8"]  # step 8 written again
+  assert _losses(str(work)) == ref_losses  # steps 7 and 8 recomputed bit for bit

@@ -6,7 +6,8 @@ import os
 
 import numpy as np
 import pytest
-from tiny_run import ONE_MOE_LAYER, ROOT, launch_command, small_corpus, tiny_cfg, worker_pids
+from tiny_run import (ONE_MOE_LAYER, ROOT, data_file, flip_12_bytes, launch_command,
+                      small_corpus, tiny_cfg, worker_pids)
 
 from configs import tiny
 from dsv3_jax.train import trainer
@@ -127,11 +128,7 @@ def trained_run(tmp_path_factory):
   return cfg, job, summary
 
 
-def _data_file(step_dir):
-  files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(step_dir, "state"))
-           for f in fs if os.sep + "d" + os.sep in os.path.join(d, f) + os.sep or
-           os.path.basename(d) == "d"]
-  return max(files, key=os.path.getsize)
+_data_file = data_file
 
 
 def _truncate(p):
@@ -144,13 +141,7 @@ def _overwrite(p):
   open(f, "wb").write(np.random.default_rng(0).bytes(os.path.getsize(f)))
 
 
-def _flip12(p):
-  f = _data_file(p)
-  b = bytearray(open(f, "rb").read())
-  mid = len(b) // 2
-  for i in range(mid, mid + 12):
-    b[i] ^= 0xFF
-  open(f, "wb").write(bytes(b))
+_flip12 = flip_12_bytes
 
 
 def _no_state(p):

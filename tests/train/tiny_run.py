@@ -71,3 +71,24 @@ def worker_pids(log_dir) -> dict:
       i = int(args[args.index("--process-id") + 1]) if "--process-id" in args else 0
       out[i] = int(p)
   return out
+
+
+def data_file(step_dir) -> str:
+  """The largest data file of a checkpoint step's `state` item (orbax OCDBT: under a `d/`
+  folder; one per writing process in a multi-process checkpoint)."""
+  files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(step_dir, "state"))
+           for f in fs if os.sep + "d" + os.sep in os.path.join(d, f) + os.sep or
+           os.path.basename(d) == "d"]
+  return max(files, key=os.path.getsize)
+
+
+def flip_12_bytes(step_dir) -> None:
+  """Inverts 12 bytes in the middle of `data_file(step_dir)` (the issue's damage)."""
+  f = data_file(step_dir)
+  with open(f, "rb") as fh:
+    b = bytearray(fh.read())
+  mid = len(b) // 2
+  for i in range(mid, mid + 12):
+    b[i] ^= 0xFF
+  with open(f, "wb") as fh:
+    fh.write(bytes(b))
