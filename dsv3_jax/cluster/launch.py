@@ -23,6 +23,13 @@ Limits it checks before starting anything (`check_layout`): P divides N, L <= 25
 open files L x sum(group size - 1) + 50 (one socket per local device and peer of each
 communicator, plus the runtime's own) under the process's open-file limit.
 
+Gloo communicators: a multi-process program calls `warm_up_collectives(mesh)` before its first
+step (one tiny psum per mesh axis, minor first, each behind a `barrier`), because a communicator
+is created inside the first collective over its device group and gloo waits only ~30 s for the
+group's members; and the launcher gives every worker a collective timeout
+(`launch(..., collective_timeout_s=600)`, CLI `--collective-timeout`), so that a collective
+that can never complete fails instead of hanging.
+
 Source: limits of jax 0.10.2 on XLA:CPU with gloo, measured on this project's machine; the
 runs they allow and the one that did not complete are in results/scale_2048.md.
 """
@@ -51,6 +58,8 @@ MAX_LOCAL_DEVICES = 256  # XLA:CPU's intra-op thread cap (kMaxIntraOpThreads), j
 FD_OVERHEAD = 50  # open files of a jax process besides gloo's sockets (measured, jax 0.10.2)
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _DEVICE_FLAG = "--xla_force_host_platform_device_count"
+_TIMEOUT_FLAG = "--xla_cpu_collective_timeout_seconds"  # XLA:CPU DebugOptions, jaxlib 0.10.2
+DEFAULT_COLLECTIVE_TIMEOUT_S = 600  # > the 428 s longest step measured at 2048 devices
 
 
 # ----------------------------------------------------------------------------- layout
@@ -271,7 +280,8 @@ def launch(target: str, n_devices: int, processes: int, kwargs: Optional[dict] =
            share_binary: bool = True,
            max_local_devices: int = MAX_LOCAL_DEVICES,
            spare_devices: int = 0,
-           max_rss_bytes: Optional[int] = None) -> LaunchResult:
+           max_rss_bytes: Optional[int] = None,
+           collective_timeout_s: Optional[int] = DEFAULT_COLLECTIVE_TIMEOUT_S) -> LaunchResult:
   """Runs `target(**kwargs)` in P local processes that form one N-device JAX cluster.
 
   Each process emulates L = N / P CPU devices, selects gloo CPU collectives and joins the
@@ -310,6 +320,13 @@ def launch(target: str, n_devices: int, processes: int, kwargs: Optional[dict] =
       the hang of the 2048-device step on 32 processes x 64 devices (results/scale_2048.md).
     max_rss_bytes: kill the job when the sampled resident memory summed over the workers
       exceeds this (None: no limit).
+    collective_timeout_s: with P > 1, seconds a device may wait in one collective (including
+      the creation of its gloo communicator) before the collective fails with an error: XLA's
+      `--xla_cpu_collective_timeout_seconds`, set in each worker's XLA_FLAGS (replacing one
+      given in `env`). A hang then ends as a worker error, which stops the job, instead of
+      idling until `timeout_s` (e.g. members of a group reaching its first collective > 30 s
+      apart; `warm_up_collectives`). The default, 600 s, is above the longest step measured
+      at 2048 devices (428 s, every collective of it included); None keeps XLA's default.
 
   Returns:
     `LaunchResult`.
@@ -321,6 +338,11 @@ def launch(target: str, n_devices: int, processes: int, kwargs: Optional[dict] =
       the tail of the relevant log).
   """
   layout = check_layout(n_devices, processes, group_sizes, max_local_devices=max_local_devices)
+  if collective_timeout_s is not None and (
+      not isinstance(collective_timeout_s, int) or isinstance(collective_timeout_s, bool)
+      or collective_timeout_s < 1):
+    raise ValueError(f"launch: collective_timeout_s={collective_timeout_s!r} must be a "
+                     "positive integer (seconds) or None (XLA's default)")
   if not isinstance(spare_devices, int) or spare_devices < 0 or (
       processes > 1 and layout.local_devices + spare_devices > MAX_LOCAL_DEVICES):
     raise ValueError(f"launch: spare_devices={spare_devices!r} must be an integer >= 0 with "
@@ -388,6 +410,8 @@ def launch(target: str, n_devices: int, processes: int, kwargs: Optional[dict] =
                 "--heartbeat-timeout", str(heartbeat_timeout_s)]
         if share_binary:
           cmd += ["--share-binary"]
+        if collective_timeout_s is not None:
+          cmd += ["--collective-timeout", str(collective_timeout_s)]
       log = open(os.path.join(log_dir, f"process_{i}.log"), "wb")
       logs.append(log)
       log.write((" ".join(shlex.quote(c) for c in cmd) + "\n").encode())
@@ -501,6 +525,108 @@ def barrier(name: str, timeout_s: float = 600.0) -> None:
     client.wait_at_barrier(name, int(timeout_s * 1000))
 
 
+_WARM_UP_CALLS = [0]  # distinct barrier names per call (every process calls in the same order)
+
+
+def warm_up_collectives(mesh, timeout_s: float = 600.0, axes: Optional[Sequence] = None,
+                        log: Optional[Callable[[str], None]] = None) -> dict[str, float]:
+  """Creates every gloo communicator of `mesh` up front: one tiny psum per mesh axis, minor
+  axis first, each as its own jitted program started behind a cross-process `barrier`.
+
+  Why: XLA:CPU creates a gloo communicator lazily, inside the first collective that uses its
+  device group, and caches it per group; gloo's rendezvous then waits its fixed default ~30 s
+  for the other members' addresses (XLA:CPU does not change it). Members of one group that reach
+  their first collective more than ~30 s apart fail (the early ones: "Gloo context
+  initialization failed: DEADLINE_EXCEEDED ... GetKeyValue() timed out ... 30s") or block until
+  the collective timeout (the late ones): the job hangs. In a real step the members of a small
+  group reach it at very different times because a large group's connection setup precedes it
+  (at 2048 devices, 32 processes x 64, the 256-member `node` groups take ~200 s to connect and
+  the 8-member `gpu` groups' first all-reduce then times out). Measured (jax 0.10.2, 2
+  processes x 4 devices, a step of psum over `gpu` then over `node`, under load): with one
+  device of each process 40 s late (a host callback), the job hangs (idle until the launcher's
+  100 s timeout; with a 10 s collective timeout it fails after 58 s with the DEADLINE_EXCEEDED
+  error above); 25 s late runs; 40 s late after this warm-up runs (the step waits 40 s; the
+  warm-up took 0.02 s per axis). With a whole process 40 s late, its peer fails after 30 s
+  with the same error. At 2048 devices with the warm-up, the two_hop MoE step executed:
+  communicators 6.6 s (`gpu`) + 204 s (`node`), steps 428 s and 363 s (issue 13;
+  tests/cluster/test_collective_warmup.py). Once created, a communicator is reused by every
+  collective kind (psum, all_gather, all_to_all, ...) over the same device group, so later
+  skew between members only costs waiting, bounded by the launcher's collective timeout
+  (`launch(..., collective_timeout_s=...)`).
+
+  Each axis's program is compiled before its barrier (compile time, which differs between
+  processes, does not count against gloo's 30 s), then every process starts it at once. Minor
+  axis first (e.g. `gpu`, then `node`, then `replica` for a ('replica', 'node', 'gpu') mesh):
+  the small intra-node groups connect in seconds before the large ones. Groups that span
+  several axes at once (a psum over ('node', 'gpu')) are separate communicators: pass them in
+  `axes` as tuples if a program uses them.
+
+  Cost: one float32 per device per axis (negligible bytes), one small compile per axis, plus
+  the connection setup itself, which the first step would pay anyway (6.6 s + 204 s at 2048
+  devices; 0.02 s per axis on 2 processes x 4 devices).
+
+  Args:
+    mesh: a `jax.sharding.Mesh` over the cluster's devices (e.g. `make_mesh(...,
+      devices=cluster_devices(n))`).
+    timeout_s: seconds each barrier waits for the other processes.
+    axes: axis names (or tuples of names, one communicator per tuple) to warm up, in order;
+      default: every axis of size > 1, minor (last) axis first.
+    log: called with one line per axis (default: `logging.info` of this module's logger).
+
+  Returns:
+    {axis name (tuple names joined by "+"): seconds from the barrier to the psum's result on
+    this process}; {} in a single process (no gloo) or when every axis has size 1.
+
+  Raises:
+    ValueError: an axis name not in the mesh.
+    RuntimeError: a barrier timed out (from the runtime), or a psum returned the wrong sum.
+  """
+  import jax
+  import numpy as np
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  names = tuple(mesh.axis_names)
+  if axes is None:
+    axes = [a for a in reversed(names) if mesh.shape[a] > 1]
+  groups = [tuple(a) if isinstance(a, (tuple, list)) else (a,) for a in axes]
+  for g in groups:
+    bad = [a for a in g if a not in names]
+    if bad:
+      raise ValueError(f"warm_up_collectives: axes {bad} are not mesh axes; allowed: "
+                       f"{list(names)}")
+  if jax.process_count() == 1:
+    return {}
+  if log is None:
+    import logging
+
+    log = logging.getLogger(__name__).info
+  _WARM_UP_CALLS[0] += 1
+  call = _WARM_UP_CALLS[0]
+  spec = P(*names)  # one element per device
+  sharding = NamedSharding(mesh, spec)
+  shape = mesh.devices.shape
+  ones = np.ones(shape, np.float32)
+  x = jax.make_array_from_callback(shape, sharding, lambda idx: ones[idx])
+  seconds = {}
+  for g in groups:
+    axis = g[0] if len(g) == 1 else g
+    compiled = jax.jit(jax.shard_map(lambda v, axis=axis: jax.lax.psum(v, axis), mesh=mesh,
+                                     in_specs=spec, out_specs=spec)).lower(x).compile()
+    key = "+".join(g)
+    barrier(f"warm_up_collectives_{call}_{key}", timeout_s)
+    t0 = time.perf_counter()
+    y = jax.block_until_ready(compiled(x))
+    seconds[key] = time.perf_counter() - t0
+    want = float(np.prod([mesh.shape[a] for a in g]))
+    got = [float(np.asarray(s.data).reshape(-1)[0]) for s in y.addressable_shards]
+    if any(v != want for v in got):
+      raise RuntimeError(f"warm_up_collectives: psum over {key} gave {sorted(set(got))}, "
+                         f"expected {want}")
+    log(f"[process {jax.process_index()}] warm-up of the {key} communicators "
+        f"({want:.0f} members each): {seconds[key]:.2f} s")
+  return seconds
+
+
 def cluster_devices(n_devices: int) -> list:
   """The devices a program of `n_devices` runs on: the first N / P local devices of each of the
   P processes, process 0's first (with `launch(..., spare_devices=S)` each process emulates
@@ -580,6 +706,9 @@ def worker_main(argv: Optional[Sequence[str]] = None) -> None:
   ap.add_argument("--init-timeout", type=int, default=600)
   ap.add_argument("--heartbeat-timeout", type=int, default=600)
   ap.add_argument("--share-binary", action="store_true")
+  ap.add_argument("--collective-timeout", type=int, default=0,
+                  help="seconds before a waiting collective fails (XLA's "
+                  f"{_TIMEOUT_FLAG}); 0: XLA's default")
   a = ap.parse_args(argv)
   t0 = time.time()
   _die_with_launcher()
@@ -588,6 +717,10 @@ def worker_main(argv: Optional[Sequence[str]] = None) -> None:
                      if not f.startswith(_DEVICE_FLAG))
     os.environ["XLA_FLAGS"] = f"{flags} {_DEVICE_FLAG}={a.cpu_devices}".strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  if a.collective_timeout > 0:
+    flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                     if not f.startswith(_TIMEOUT_FLAG))
+    os.environ["XLA_FLAGS"] = f"{flags} {_TIMEOUT_FLAG}={a.collective_timeout}".strip()
   import jax
 
   if a.num_processes > 1:
@@ -645,10 +778,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   ap.add_argument("--timeout", type=float, default=900.0, help="seconds")
   ap.add_argument("--log-dir", default=None)
   ap.add_argument("--echo", action="store_true", help="stream process 0's output")
+  ap.add_argument("--collective-timeout", type=int, default=DEFAULT_COLLECTIVE_TIMEOUT_S,
+                  help="seconds a device may wait in one collective before it fails (P > 1; "
+                  f"XLA's {_TIMEOUT_FLAG}); 0: XLA's default")
   a = ap.parse_args(argv)
   groups = tuple(int(g) for g in a.group_sizes.split(",") if g)
   r = launch(a.target, a.devices, a.processes, json.loads(a.kwargs), group_sizes=groups,
-             timeout_s=a.timeout, log_dir=a.log_dir, echo=a.echo)
+             timeout_s=a.timeout, log_dir=a.log_dir, echo=a.echo,
+             collective_timeout_s=a.collective_timeout or None)
   print(json.dumps(dict(results=r.results, peak_rss=r.peak_rss, peak_rss_total=r.peak_rss_total,
                         wall_s=r.wall_s, log_dir=r.log_dir), indent=1))
 
