@@ -241,6 +241,11 @@ def moe_step(nodes: int, gpus: int, schedule: str, tokens: int, hidden: int, ffn
     return out
 
   launch.barrier("compiled")
+  # Every gloo communicator up front, one tiny psum per axis (gpu, then node), each behind a
+  # barrier: created lazily inside the step, the gpu groups' first all-reduce is reached > 30 s
+  # apart (after the node groups' ~200 s setup) and the run hangs (`warm_up_collectives`).
+  out["warm_up_s"] = launch.warm_up_collectives(
+      mesh, timeout_s=1200, log=print if jax.process_index() == 0 else lambda m: None)
   times, losses = [], []
   local = lambda a: np.asarray(a.addressable_data(0))
   for _ in range(steps):
@@ -330,6 +335,7 @@ def measure(n: int, schedule: str, *, steps: int, max_processes: int, timeout_s:
                spare_devices=spare,
                lower_s=res["lower_s"], compile_s=res["compile_s"],
                compile_s_max=max(x["compile_s"] for x in r.results),
+               warm_up_s="/".join(f"{k}={v:.1f}" for k, v in res.get("warm_up_s", {}).items()),
                first_step_s=res["step_s"][0], step_s=statistics.median(steady),
                steps=len(res["step_s"]), peak_rss_sum_bytes=sum(r.peak_rss),
                peak_rss_sampled_bytes=r.peak_rss_total,

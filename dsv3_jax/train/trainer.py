@@ -254,11 +254,14 @@ def _build(cfg, model_cfg: ModelConfig, log) -> _Job:
   n_dev = cfg.mesh.nodes * cfg.mesh.gpus_per_node
   procs = jax.process_count()
   if procs > 1:
-    from dsv3_jax.cluster.launch import cluster_devices
+    from dsv3_jax.cluster.launch import cluster_devices, warm_up_collectives
     from dsv3_jax.parallel.mesh import state_shardings
 
     mesh = make_mesh(cfg.mesh.nodes, cfg.mesh.gpus_per_node, cfg.mesh.get("ep_nodes"),
                      devices=cluster_devices(n_dev))
+    # Every gloo communicator of the mesh's axes before the first collective (members of a
+    # group reaching its first collective > ~30 s apart fail or hang; see the function).
+    warm_up_collectives(mesh, log=log)
     # The same seed on every process: the same initial values, placed slice by slice.
     model = Transformer(model_cfg, mesh=mesh, rngs=nnx.Rngs(t.seed))
     state = nnx.state(model)
