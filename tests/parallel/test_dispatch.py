@@ -62,18 +62,22 @@ def test_expert_parallel_equals_dense_reference(nodes, gpus, schedule):
   fn = _ep_fn(mesh, sched, topo, cap, e)
   valid = jnp.ones(x.shape[0], bool)
 
-  y, st = fn(x, idx, w, valid, wg, wu, wd)
-  ref = moe_dense_reference(x, idx, w, wg, wu, wd)
+  # Values, statistics and gradients from one compiled program each (EP and reference).
+  def loss_ep(x, w, wg, wu, wd):
+    y, st = fn(x, idx, w, valid, wg, wu, wd)
+    return jnp.sum(jnp.sin(y)), (y, st)
+
+  def loss_ref(x, w, wg, wu, wd):
+    y = moe_dense_reference(x, idx, w, wg, wu, wd)
+    return jnp.sum(jnp.sin(y)), y
+
+  grad = lambda f: jax.jit(jax.grad(f, argnums=(0, 1, 2, 3, 4), has_aux=True))
+  g_ep, (y, st) = grad(loss_ep)(x, w, wg, wu, wd)
+  g_ref, ref = grad(loss_ref)(x, w, wg, wu, wd)
   np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
   assert float(st.dropped) == 0.0
   np.testing.assert_array_equal(np.asarray(st.expert_counts),
                                 np.bincount(np.asarray(idx).ravel(), minlength=e))
-
-  loss_ep = lambda x, w, wg, wu, wd: jnp.sum(jnp.sin(fn(x, idx, w, valid, wg, wu, wd)[0]))
-  loss_ref = lambda x, w, wg, wu, wd: jnp.sum(jnp.sin(moe_dense_reference(
-      x, idx, w, wg, wu, wd)))
-  g_ep = jax.jit(jax.grad(loss_ep, argnums=(0, 1, 2, 3, 4)))(x, w, wg, wu, wd)
-  g_ref = jax.grad(loss_ref, argnums=(0, 1, 2, 3, 4))(x, w, wg, wu, wd)
   for a, b in zip(g_ep, g_ref):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
@@ -173,15 +177,17 @@ def test_moe_layer_on_a_mesh_with_a_size_one_axis_equals_unsharded_layer(nodes, 
   shard_model(ep, mesh)
   x = jax.random.normal(jax.random.PRNGKey(7), (8, 4, 16))
   xs = jax.device_put(x, NamedSharding(mesh, P(AXES)))
-  loss = lambda m, x: jnp.sum(jnp.sin(m(x, None, m.worst_case_capacity(32))[0]))
-  y_ep, st = nnx.jit(lambda m, x: m(x, None, m.worst_case_capacity(32)))(ep, xs)
-  y_local, st_local = local(x)
+  def loss(m, x):  # outputs, statistics and gradients from one compiled program per layer
+    y, st = m(x, None, m.worst_case_capacity(32))
+    return jnp.sum(jnp.sin(y)), (y, st)
+
+  grad = nnx.jit(nnx.grad(loss, has_aux=True))
+  g_ep, (y_ep, st) = grad(ep, xs)
+  g_local, (y_local, st_local) = grad(local, x)
   np.testing.assert_allclose(y_ep, y_local, rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(np.asarray(st.dispatch.expert_counts),
                                 np.asarray(st_local.dispatch.expert_counts))
   assert float(st.dispatch.dropped) == 0
-  g_ep = nnx.jit(nnx.grad(loss))(ep, xs)
-  g_local = nnx.grad(loss)(local, x)
   for a, b in zip(jax.tree.leaves(g_ep), jax.tree.leaves(g_local)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
