@@ -1,7 +1,12 @@
 """Two micro-batch overlap (infer/overlap.py; Insights §2.3.1, V3 report §3.4): prefill and
 decode with micro_batches=2 give the single-batch outputs on a 4 x 2 mesh for both dispatch
-schedules, and the compiled programs put each micro-batch's dispatch / combine all-to-alls
-around the other micro-batch's compute."""
+schedules, the compiled programs put each micro-batch's dispatch / combine all-to-alls around
+the other micro-batch's compute, and the engine with two micro-batches matches transformers.
+
+Compilations (the cost of this module): per schedule, one engine's two micro-batch prefill and
+multi-step decode (`generate`), first compiled ahead of time for the HLO checks, then reused by
+the engine's own calls; and the single-batch prefill and generate of the flat schedule, the
+reference of both."""
 
 import os
 
@@ -9,15 +14,21 @@ import numpy as np
 import pytest
 
 from dsv3_jax.convert.hf import load_hf
-from dsv3_jax.infer import Engine, cache as cache_lib, for_mesh, overlap
+from dsv3_jax.infer import Engine, for_mesh, overlap
+from dsv3_jax.infer import cache as cache_lib
 from dsv3_jax.infer.steps import StepFunctions
 from dsv3_jax.parallel.mesh import make_mesh
 
 REF = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "hf_deepseek_v3", "tiny")
-B_DEV, S, PAGE, PAGES = 2, 16, 8, 4  # 2 sequences per device: one per micro-batch
-# Decode logits: XLA:CPU computes a one-row micro-batch's projections with another dot kernel
-# than the two-row batch (a different float32 summation order); the observed difference is
-# ~2e-6 absolute on logits of magnitude ~1, so 1e-5 relative to the largest logit.
+# 3 sequences per device: micro-batch A = rows 0-1, B = row 2 and one padding row (odd batch);
+# prompts of up to S tokens, K decode steps per call, PAGES pages of PAGE tokens per sequence
+B_DEV, S, PAGE, PAGES, K = 3, 32, 8, 8, 4
+ENGINE = dict(max_batch=8 * B_DEV, page_size=PAGE, num_pages=B_DEV * PAGES, decode_steps=K,
+              batch_buckets=(B_DEV,), page_buckets=(PAGES,), prompt_buckets=(S,))
+# Logits and cache: XLA:CPU computes a micro-batch's projections with another dot kernel than
+# the whole batch's (a different float32 summation order), and two_hop sums in another order
+# than flat; the observed differences are <= 1.5e-6 absolute on logits of magnitude ~4 (<= 3.5e-7
+# relative to the largest value, both schedules, prefill and decode), so 1e-5 relative.
 RTOL = 1e-5
 
 
@@ -31,55 +42,87 @@ def _inputs():
   return tokens, lens, table.astype(np.int32)
 
 
-@pytest.fixture(scope="module", params=["flat", "two_hop"])
-def runs(request):
-  """Per micro_batches: prefill and one decode step (outputs, pools) and their compiled HLO."""
-  mesh = make_mesh(4, 2)  # 16 experts, 2 per device; n_group 4 = nodes
-  config, model = load_hf(REF)
-  model = for_mesh(model, mesh, config.replace(dispatch=request.param))
-  spec = cache_lib.CacheSpec.for_model(config, pages_per_shard=B_DEV * PAGES, page_size=PAGE,
-                                       num_shards=8)
+@pytest.fixture(scope="module")
+def mesh():
+  return make_mesh(4, 2)  # 16 experts, 2 per device; n_group 4 = nodes
+
+
+@pytest.fixture(scope="module")
+def hf():
+  return load_hf(REF)
+
+
+def _placed(hf, mesh, schedule):
+  config, model = hf
+  return for_mesh(model, mesh, config.replace(dispatch=schedule))
+
+
+def _prefill_and_generate(st: StepFunctions):
+  """Prefill of `_inputs()`, then K greedy decode steps in one `generate` call, with the
+  argument types the engine passes (so the engine reuses these compilations).
+
+  Returns dict(prefill=(tokens [n], logits [n, V], pools), decode=(tokens [n, K], logits
+  [n, K, V], pools), hlo=dict(prefill=, decode=) compiled HLO texts)."""
   tokens, lens, table = _inputs()
-  out = {}
-  for mb in (1, 2):
-    st = StepFunctions(model, spec, mesh, micro_batches=mb)
-    pools = st.init_pools()
-    pre = st.prefill.lower(st.state, pools, tokens, lens, table).compile()
-    nxt, logits, pools = pre(st.state, pools, tokens, lens, table)
-    cached = [np.asarray(p) for p in pools]
-    args = (np.asarray(nxt)[:, None], lens, (lens > 0)[:, None], table)
-    dec = st.decode.lower(st.state, pools, *args).compile()
-    nxt2, logits2, pools = dec(st.state, pools, *args)
-    out[mb] = dict(prefill=(np.asarray(nxt), np.asarray(logits), cached),
-                   decode=(np.asarray(nxt2), np.asarray(logits2), [np.asarray(p) for p in pools]),
-                   hlo=dict(prefill=pre.as_text(), decode=dec.as_text()))
-  return request.param, out
+  n = len(lens)
+  pools = st.init_pools()
+  args = (tokens, lens, table[:, :st.spec.pages_for(S)])
+  pre = st.prefill.lower(st.state, pools, *args).compile()
+  nxt, logits, pools = st.prefill(st.state, pools, *args)
+  cached = [np.asarray(p) for p in pools]
+  args = (np.asarray(nxt), lens, np.where(lens > 0, K, 0).astype(np.int32),
+          np.full((n, 1), -1, np.int32), table, np.zeros(n, np.float32), np.zeros(n, np.int32),
+          np.ones(n, np.float32), np.zeros((n, 2), np.uint32))
+  gen = st._generate.lower(st.state, pools, *args, K, False, True).compile()  # static last
+  out, logits2, pools = st.generate(st.state, pools, *args, n_steps=K, sampled=False,
+                                    want_logits=True)
+  return dict(prefill=(np.asarray(nxt), np.asarray(logits), cached),
+              decode=(np.asarray(out), np.asarray(logits2), [np.asarray(p) for p in pools]),
+              hlo=dict(prefill=pre.as_text(), decode=gen.as_text()))
+
+
+@pytest.fixture(scope="module")
+def single(hf, mesh):
+  """The single-batch path (flat schedule; two_hop's single-batch outputs equal flat's within
+  float rounding, <= 3.3e-7 relative): the reference of both schedules."""
+  model = _placed(hf, mesh, "flat")
+  spec = cache_lib.CacheSpec.for_model(hf[0], pages_per_shard=B_DEV * PAGES, page_size=PAGE,
+                                       num_shards=8)
+  return _prefill_and_generate(StepFunctions(model, spec, mesh, micro_batches=1))
+
+
+@pytest.fixture(scope="module", params=["flat", "two_hop"])
+def runs(request, hf, mesh):
+  """Per schedule: an engine with micro_batches=2 and its steps' outputs and compiled HLO."""
+  engine = Engine(_placed(hf, mesh, request.param), mesh=mesh, micro_batches=2, **ENGINE)
+  return request.param, engine, _prefill_and_generate(engine.steps)
 
 
 def _rel(a, b):
   return np.abs(a - b).max() / np.abs(a).max()
 
 
-def test_prefill_and_decode_equal_the_single_batch_path(runs):
-  _, out = runs
-  lens = _inputs()[1]
+def test_prefill_and_decode_equal_the_single_batch_path(runs, single):
+  _, _, two = runs
+  live = _inputs()[1] > 0
   for step in ("prefill", "decode"):
-    (t1, l1, p1), (t2, l2, p2) = out[1][step], out[2][step]
-    live = lens > 0
+    (t1, l1, p1), (t2, l2, p2) = single[step], two[step]
     np.testing.assert_array_equal(t1[live], t2[live], err_msg=step)
     assert _rel(l1[live], l2[live]) < RTOL, step
     for a, b in zip(p1, p2):  # the latent cache each path wrote
       assert _rel(a, b) < RTOL, step
-  assert np.abs(out[1]["prefill"][1]).max() > 0.1  # real logits, not zeros
+  out = two["decode"][0]
+  assert (out[live] >= 0).all() and (out[~live] == -1).all()  # K steps for live rows only
+  assert np.abs(single["prefill"][1]).max() > 0.1  # real logits, not zeros
 
 
-def test_compiled_schedule_interleaves_the_micro_batches(runs):
+def test_compiled_schedule_interleaves_the_micro_batches(runs, single):
   """In schedule order: between micro-batch A's (mb0) dispatch all-to-all and its combine
   all-to-all sits B's attention; between B's dispatch and combine sit A's experts; both MoE
-  layers (layers 1, 2 of the tiny model), prefill and decode."""
-  schedule, out = runs
+  layers (layers 1, 2 of the tiny model), prefill and decode (the decode loop's body)."""
+  schedule, _, two = runs
   hops = 2 if schedule == "two_hop" else 1
-  for step, text in out[2]["hlo"].items():
+  for step, text in two["hlo"].items():
     ops = overlap.stage_order(text)
     a2a = [o for o in ops if o.kind == "all-to-all"]
     # per layer and micro-batch: rows + expert-id payloads per hop (two_hop's first hop also
@@ -93,32 +136,29 @@ def test_compiled_schedule_interleaves_the_micro_batches(runs):
       other = "mb1" if s["mb"] == "mb0" else "mb0"
       compute = {f"{other}.attention"} if s["mb"] == "mb0" else {f"{other}.experts"}
       assert compute <= set(s["between"]), (step, s)
-  # the single-batch program has no two-batch stages
-  assert not any(o.stage for o in overlap.stage_order(out[1]["hlo"]["prefill"]))
+  # the single-batch programs have no two-batch stages
+  for text in single["hlo"].values():
+    assert not any(o.stage for o in overlap.stage_order(text))
 
 
-def test_engine_generation_with_two_micro_batches_matches_transformers():
-  """Through the engine (multi-step decode loop), one sequence per device: the odd per-device
-  batch is padded with an empty row."""
-  mesh = make_mesh(4, 2)
-  config, model = load_hf(REF)
-  model = for_mesh(model, mesh, config.replace(dispatch="flat"))
-  engine = Engine(model, mesh=mesh, max_batch=8, page_size=16, decode_steps=4,
-                  batch_buckets=(1,), page_buckets=(8,), prompt_buckets=(32,), micro_batches=2)
+def test_engine_generation_with_two_micro_batches_matches_transformers(runs):
+  """Through the engine (multi-step decode loop), one sequence on each of 4 devices: the odd
+  per-device batch (3 rows) is padded with an empty row; no new compilation."""
+  _, engine, _ = runs
   ref = np.load(os.path.join(REF, "generation.npz"))
   prompts = [ref[f"prompt_{i}"].tolist() for i in range(4)]
-  outs = engine.generate(prompts, max_new_tokens=12)
+  outs = engine.generate(prompts, max_new_tokens=12, return_logits=True)
   for i, o in enumerate(outs):
     assert o.tokens == ref[f"tokens_{i}"][:12].tolist(), i
+  assert len({engine._done[o.request_id].shard for o in outs}) == 4
+  assert engine.compiles == {"prefill": 1, "generate": 1}  # the programs checked above
 
 
-def test_bad_micro_batches_are_refused_before_any_work():
-  mesh = make_mesh(4, 2)
-  _, model = load_hf(REF, mesh=mesh)
+def test_bad_micro_batches_are_refused_before_any_work(hf, mesh):
+  _, local = hf
   for bad in (0, 3, True, "2"):
     with pytest.raises(ValueError, match=r"micro_batches=.*allowed: \(1, 2\)"):
-      Engine(model, mesh=mesh, max_batch=8, micro_batches=bad)
-  _, local = load_hf(REF)
+      Engine(local, mesh=mesh, max_batch=8, micro_batches=bad)
   with pytest.raises(ValueError, match="micro_batches=2 needs a mesh"):
     Engine(local, micro_batches=2)
   spec = cache_lib.CacheSpec.for_model(local.config, pages_per_shard=4, page_size=8)
