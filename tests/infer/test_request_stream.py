@@ -2,21 +2,30 @@
 Poisson arrivals, and bad input."""
 
 import itertools
-import os
 
 import numpy as np
 import pytest
+from random_weights import random_model
 
 from dsv3_jax.infer import Engine
 from dsv3_jax.infer.load import Request, poisson_requests, run_stream
+from dsv3_jax.model.config import ModelConfig
 
-REF_ROOT = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "hf_deepseek_v3")
+# The replay only schedules steps: one dense layer of random weights is enough (its prefill and
+# decode compile in ~1/3 of the tiny checkpoint's time)
+CONFIG = ModelConfig(
+    vocab_size=256, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+    num_attention_heads=2, q_lora_rank=8, kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4,
+    v_head_dim=4, first_k_dense_replace=1, n_routed_experts=4, moe_intermediate_size=8,
+    num_experts_per_tok=2, n_group=1, topk_group=1, num_nextn_predict_layers=0,
+    max_position_embeddings=64)
 
 
 @pytest.fixture(scope="module")
 def engine():
-  return Engine.from_hf(os.path.join(REF_ROOT, "tiny"), max_batch=4, page_size=16,
-                        batch_buckets=(4,), page_buckets=(8,), prompt_buckets=(32,))
+  # one bucket each: one prefill and one decode compilation; 4 pages of 16 per sequence
+  return Engine(random_model(CONFIG), max_batch=4, page_size=16, batch_buckets=(4,),
+                page_buckets=(4,), prompt_buckets=(16,))
 
 
 def _unit_clock():
