@@ -2,6 +2,8 @@
 optimizer state, bias update), its compiled program has no collective wider than one mesh axis,
 and the mesh-aware global norm."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,15 +52,28 @@ def _setup(nodes, gpus, ep_nodes=None):
   return make, (params, other, opt_state), window
 
 
+CAP = (16, 16)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(shape):
+  """_setup(*shape) and, per grad_sum mode, its step functions and the train step compiled for
+  capacity CAP (one compilation serves the equality test and the collective check)."""
+  make, state, window = _setup(*shape)
+  fns = {mode: make(mode) for mode in ("mesh", "per_axis")}
+  compiled = {mode: f.train_step.lower(*state, window, CAP).compile() for mode, f in fns.items()}
+  return fns, compiled, state, window
+
+
 @pytest.mark.parametrize("shape", [(2, 4, None), (4, 2, 2)], ids=["node2_gpu4", "replica2"])
 def test_per_axis_step_equals_the_mesh_step(shape):
-  make, (params, other, opt_state), window = _setup(*shape)
-  cap = (16, 16)
+  all_fns, compiled, (params, other, opt_state), window = _compiled(shape)
+  cap = CAP
   outs = {}
   for mode in ("mesh", "per_axis"):
-    fns = make(mode)
-    p, o, s, m = fns.train_step(params, other, opt_state, window, cap)
-    p, o, s, m = fns.train_step(p, o, s, window, cap)  # twice: Adam moments, the bias update
+    fns, train_step = all_fns[mode], compiled[mode]  # (capacity CAP is compiled in)
+    p, o, s, m = train_step(params, other, opt_state, window)
+    p, o, s, m = train_step(p, o, s, window)  # twice: Adam moments, the bias update
     nats, count, _ = fns.eval_step(p, o, window, cap)
     outs[mode] = jax.device_get((p, o, s, m, nats, count))
   (p0, o0, s0, m0, n0, c0), (p1, o1, s1, m1, n1, c1) = outs["mesh"], outs["per_axis"]
@@ -78,11 +93,10 @@ def test_per_axis_step_equals_the_mesh_step(shape):
 
 
 def test_per_axis_program_has_no_collective_wider_than_one_axis():
-  make, (params, other, opt_state), window = _setup(2, 4)
+  _, compiled, _, _ = _compiled((2, 4, None))  # the programs the equality test ran
   sizes = {}
   for mode in ("mesh", "per_axis"):
-    lowered = make(mode).train_step.lower(params, other, opt_state, window, (16, 16))
-    colls = hlo.parse_hlo(lowered.compile().as_text(), n_devices=8)
+    colls = hlo.parse_hlo(compiled[mode].as_text(), n_devices=8)
     sizes[mode] = {c.group_size for c in colls if c.kind == "all-reduce"}
   assert 8 in sizes["mesh"]  # shard_map's transpose: one all-reduce over every device
   assert sizes["per_axis"] and max(sizes["per_axis"]) <= 4  # 'gpu' (4) and 'node' (2) groups
