@@ -50,7 +50,10 @@ def test_own_data_folder_trains_from_the_command_line(tmp_path):
 
   work = tmp_path / "run"
   stdlib = sysconfig.get_paths()["stdlib"]
+  # The subject is the data override: the tiny model cut to one dense and one MoE layer, no
+  # MTP module (a smaller program to compile).
   r = _run([f"--config={ROOT}/configs/tiny.py", f"--config.data.paths=('{stdlib}',)",
+            "--config.model.num_hidden_layers=2", "--config.model.num_nextn_predict_layers=0",
             "--config.train.steps=1", "--config.train.eval_every=1",
             "--config.data.eval_sequences=8", f"--config.train.workdir={work}"], tmp_path)
   assert r.returncode == 0, r.stderr[-2000:]
