@@ -119,6 +119,47 @@ def make_optimizer(train_cfg) -> optax.GradientTransformation:
       optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay_mask))
 
 
+def optimizer_state_shardings(opt_state, mesh, *, shard_replicated: bool = True):
+  """NamedShardings on `mesh` for an optimizer state whose leaves are placed like the parameters
+  (`optimizer.init(params)` of a model sharded with `parallel.mesh.shard_model`).
+
+  A leaf sharded over some mesh axis (the moments of expert weights) keeps its sharding. With
+  `shard_replicated`, a fully replicated leaf of rank >= 1 (Adam's first and second moments of
+  a replicated parameter: attention, dense MLP, embeddings, norms) is sharded over every mesh
+  axis on its first dimension divisible by the mesh size: the optimizer state partitioning of
+  ZeRO stage 1 (Rajbhandari et al., arXiv 1910.02054), the data parallelism DeepSeek-V3 trains
+  with (report §3.2, "ZeRO-1 Data Parallelism"). Under GSPMD ("mesh" gradient sum) each
+  device then updates a 1 / N slice of every replicated parameter and the new parameters are
+  all-gathered to their replicated sharding; every element's update is the same arithmetic, so
+  the values equal the replicated update's (tests/train/test_step.py). Scalars (the step
+  count), leaves with no divisible dimension and everything when `shard_replicated` is False
+  are replicated.
+
+  Args:
+    opt_state: pytree of jax.Arrays (any sharding; a leaf that is not on a NamedSharding, e.g.
+      the count on one device, counts as replicated).
+    mesh: the jax Mesh.
+    shard_replicated: ZeRO-1 on (True) or every leaf as it is / replicated (False).
+
+  Returns:
+    A pytree of NamedSharding matching `opt_state`.
+  """
+  axes = tuple(mesh.axis_names)
+  replicated = NamedSharding(mesh, P())
+
+  def leaf(x):
+    sh = getattr(x, "sharding", None)
+    if isinstance(sh, NamedSharding) and sh.mesh == mesh and _spec_axes(sh.spec):
+      return sh  # already sharded (experts)
+    if shard_replicated:
+      for d, n in enumerate(x.shape):
+        if n % mesh.size == 0:
+          return NamedSharding(mesh, P(*([None] * d), axes))
+    return replicated
+
+  return jax.tree.map(leaf, opt_state)
+
+
 # ----------------------------------------------------------------------------- steps
 
 
@@ -185,7 +226,8 @@ def _spec_axes(spec: P) -> set:
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_fn: LossFn, *,
                     bias_update_speed: float, mesh=None, param_shardings=None,
-                    other_shardings=None, opt_shardings=None, grad_sum: str = "auto"):
+                    other_shardings=None, opt_shardings=None, grad_sum: str = "auto",
+                    donate: bool = False, discard_overflow: bool = False):
   """The jitted training step of a split nnx model with DeepSeekMoE layers.
 
   Args:
@@ -197,13 +239,22 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_fn: 
     param_shardings, other_shardings, opt_shardings: NamedSharding trees of the state on `mesh`
       (`opt_shardings` is needed with grad_sum="per_axis").
     grad_sum: one of `GRAD_SUMS` (module docstring).
+    donate: donate the state buffers (params, other, opt_state) to the step, so that the new
+      state reuses their memory instead of living beside it (on the emulated 4 x 8 mesh each
+      replicated leaf has 32 copies). The arrays passed in are deleted by the call: use only
+      the returned state afterwards.
+    discard_overflow: return the state it was given (nothing updated, as for a non-finite step)
+      when an MoE layer needed more than `capacity` rows, so that a dropless caller can rerun
+      the step with a larger capacity from the returned (unchanged) state, also with `donate`.
 
   Returns:
     train_step(params, other, opt_state, data, capacity) -> (params, other, opt_state, metrics),
     jitted with `capacity` (tuple of ints, per-hop buffer rows) static. `metrics`: the loss
     metrics averaged over devices, the dispatch totals of `_dispatch_totals`, "grad_norm"
-    (before clipping) and "skipped" (1.0 when the gradient norm or the metrics' "total_loss"
-    was not finite: the step then returns the state it was given, nothing updated).
+    (before clipping), "skipped" (1.0 when the gradient norm or the metrics' "total_loss"
+    was not finite: the step then returns the state it was given, nothing updated) and
+    "discarded" (1.0 when `discard_overflow` and a finite step overflowed `capacity`: the
+    state is returned unchanged as well).
 
   Raises:
     ValueError: a bad `grad_sum`, or grad_sum="per_axis" without the shardings.
@@ -248,7 +299,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_fn: 
     metrics.update(_dispatch_totals(stats))
     return grads, metrics
 
-  def apply(params, other, opt_state, grads, metrics):
+  def apply(params, other, opt_state, grads, metrics, capacity):
     grad_norm = global_norm(grads)
     updates, new_opt = optimizer.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
@@ -262,7 +313,12 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_fn: 
     finite = jnp.isfinite(grad_norm)
     if "total_loss" in metrics:
       finite = finite & jnp.isfinite(metrics["total_loss"])
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    applied = finite
+    if discard_overflow:
+      fits = jnp.all(metrics["needed_capacity"] <= jnp.asarray(capacity, jnp.int32))
+      applied = finite & fits
+      metrics["discarded"] = (finite & jnp.logical_not(fits)).astype(jnp.float32)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(applied, n, o), new, old)
     metrics["grad_norm"] = grad_norm
     metrics["skipped"] = jnp.logical_not(finite).astype(jnp.float32)
     return (keep(new_params, params), keep(new_other, other), keep(new_opt, opt_state),
@@ -271,7 +327,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_fn: 
   if mode == "per_axis":
     def per_device_step(params, other, opt_state, data, capacity):
       grads, metrics = per_device_grads(params, other, data, capacity)
-      return apply(params, other, opt_state, grads, metrics)
+      return apply(params, other, opt_state, grads, metrics, capacity)
 
     p_spec, o_spec, s_spec = (_specs(param_shardings), _specs(other_shardings),
                               _specs(opt_shardings))
@@ -290,24 +346,26 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_fn: 
 
     def train_step(params, other, opt_state, data, capacity):
       grads, metrics = grads_fn(params, other, data, capacity)
-      return apply(params, other, opt_state, grads, metrics)
+      return apply(params, other, opt_state, grads, metrics, capacity)
 
+  donated = (0, 1, 2) if donate else ()
   if mesh is None:
-    return jax.jit(train_step, static_argnums=(4,))
+    return jax.jit(train_step, static_argnums=(4,), donate_argnums=donated)
   state_sh = (param_shardings, other_shardings, opt_shardings)
-  return jax.jit(train_step, static_argnums=(4,),
+  return jax.jit(train_step, static_argnums=(4,), donate_argnums=donated,
                  in_shardings=state_sh + (NamedSharding(mesh, P(axes)),),
                  out_shardings=state_sh + (None,))
 
 
 def make_step_fns(graphdef, optimizer, model_cfg: ModelConfig, train_cfg, seq_len: int,
                   mesh=None, param_shardings=None, other_shardings=None,
-                  opt_shardings=None, grad_sum: str = "auto") -> StepFns:
+                  opt_shardings=None, grad_sum: str = "auto", donate: bool = False,
+                  discard_overflow: bool = False) -> StepFns:
   """Builds the jitted language-model train and eval steps for a split `Transformer`.
 
   The train step's loss is CE + lambda * MTP + alpha * balance (`losses.compute_losses`) over
   token windows [B, S + 1 + D] int32 (`losses.make_batch`); see `make_train_step` for the
-  arguments, the mesh and `grad_sum`. The eval step returns the held-out nats summed over
+  arguments, the mesh, `grad_sum`, `donate` and `discard_overflow`. The eval step returns the held-out nats summed over
   every predicted token, their count, and the capacity the step needed.
 
   Raises:
@@ -333,7 +391,8 @@ def make_step_fns(graphdef, optimizer, model_cfg: ModelConfig, train_cfg, seq_le
   train_jit = make_train_step(
       graphdef, optimizer, lm_loss, bias_update_speed=train_cfg.bias_update_speed, mesh=mesh,
       param_shardings=param_shardings, other_shardings=other_shardings,
-      opt_shardings=opt_shardings, grad_sum=mode)
+      opt_shardings=opt_shardings, grad_sum=mode, donate=donate,
+      discard_overflow=discard_overflow)
 
   def per_device_eval(params, other, window, capacity):
     model = nnx.merge(graphdef, params, other)

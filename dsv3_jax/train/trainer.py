@@ -48,7 +48,8 @@ from dsv3_jax.train import metrics as metrics_lib
 from dsv3_jax.train.losses import (Batch, LossOutput, bias_update, compute_losses,  # noqa: F401
                                    cross_entropy, make_batch)
 from dsv3_jax.train.step import (GRAD_SUMS, StepFns, make_optimizer,  # noqa: F401
-                                 make_step_fns, make_train_step)
+                                 make_step_fns, make_train_step, optimizer_state_shardings,
+                                 resolve_grad_sum)
 
 
 def grow_capacity(capacity: tuple[int, ...], needed: np.ndarray, worst: tuple[int, ...],
@@ -287,7 +288,19 @@ def _build(cfg, model_cfg: ModelConfig, log) -> _Job:
           lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated),
           opt_state)
     sh = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
-    p_sh, o_sh, opt_sh = sh(params), sh(other), sh(opt_state)
+    p_sh, o_sh = sh(params), sh(other)
+    # ZeRO-1 (step.optimizer_state_shardings), opt-in with train.shard_optimizer_state: the
+    # moments of replicated parameters sharded over the data-parallel devices, 1 / N of them
+    # per device instead of N copies (-0.5 GiB on the 4 x 8 mesh). Off by default: every step
+    # then all-gathers each replicated parameter from the slice one device updated, which
+    # overwrites (or spreads) a corrupted replica before the replica check can see it, so the
+    # SDC check (train.sdc_check_every) would no longer find a bit flip in a parameter copy.
+    # Only with the "mesh" gradient sum (GSPMD runs the update); "per_axis" updates inside
+    # shard_map.
+    zero1 = (t.get("shard_optimizer_state", False) and
+             resolve_grad_sum(t.get("grad_sum", "auto"), mesh) == "mesh")
+    opt_sh = optimizer_state_shardings(opt_state, mesh, shard_replicated=zero1)
+    opt_state = jax.jit(lambda s: s, out_shardings=opt_sh)(opt_state)
     batch_sharding = NamedSharding(mesh, P(tuple(mesh.axis_names)))
     if procs > 1:
       # Every process holds the whole global batch (the same deterministic windows) and
@@ -300,7 +313,11 @@ def _build(cfg, model_cfg: ModelConfig, log) -> _Job:
   else:
     p_sh = o_sh = opt_sh = None
     put = jnp.asarray
-  fns = make_step_fns(graphdef, optimizer, model_cfg, t, seq, mesh, p_sh, o_sh, opt_sh)
+  # The state is donated to the step (its new value reuses the buffers); a dropless step that
+  # overflows returns the state unchanged and is rerun from it (`_train_step`).
+  fns = make_step_fns(graphdef, optimizer, model_cfg, t, seq, mesh, p_sh, o_sh, opt_sh,
+                      grad_sum=t.get("grad_sum", "auto"), donate=True,
+                      discard_overflow=bool(t.dropless))
   moe0 = model.moe_layers[0] if model.moe_layers else None
   tokens_per_step = t.batch_size * seq
   return _Job(
@@ -390,31 +407,37 @@ class _Run:
   checkpoint_save_s: list = dataclasses.field(default_factory=list)  # seconds per save
   checkpoint_checksum_s: list = dataclasses.field(default_factory=list)  # within save_s
   checkpoint_restore_s: Optional[float] = None  # restore + checksum verification, seconds
+  eval_s: list = dataclasses.field(default_factory=list)  # seconds per held-out evaluation
+  wall_s: list = dataclasses.field(default_factory=list)  # seconds per loop iteration (all)
+  warmup_s: Optional[float] = None  # compiling the eval / check programs before the loop
 
 
 def _train_step(job: _Job, run: _Run, window) -> dict:
   """One applied step (dropless: recomputed with a larger capacity while it would drop);
   updates `run` and returns the step's metrics on the host. A step with a non-finite loss or
   gradient norm leaves the state as it was (the step function skips it) and is counted."""
-  fns, s = job.fns, run.state
+  fns = job.fns
   while True:
+    s = run.state
     cached = fns.train_step._cache_size()
+    # The state is donated: `s` is deleted by the call, only its result may be used.
     new_params, new_other, new_opt, metrics = fns.train_step(
         s["params"], s["other"], s["opt_state"], window, run.capacity)
+    del s
+    # Unchanged (bit for bit) when the step was skipped (non-finite) or discarded (overflow).
+    run.state = {"params": new_params, "other": new_other, "opt_state": new_opt}
     metrics = jax.device_get(metrics)
     compiled = fns.train_step._cache_size() != cached
     run.recompiles += int(compiled and run.first_step_s is not None)
     if float(metrics.get("skipped", 0.0)):
       run.nonfinite_steps += 1
       run.nonfinite_in_a_row += 1
-      run.state = {"params": new_params, "other": new_other, "opt_state": new_opt}  # unchanged
       return metrics
     run.nonfinite_in_a_row = 0
     needed = np.asarray(metrics["needed_capacity"])
     if job.cfg.train.dropless and np.any(needed > np.asarray(run.capacity)):
-      run.capacity = grow_capacity(run.capacity, needed, job.worst)  # discard, recompute
+      run.capacity = grow_capacity(run.capacity, needed, job.worst)  # discarded: recompute
       continue
-    run.state = {"params": new_params, "other": new_other, "opt_state": new_opt}
     return metrics
 
 
@@ -434,6 +457,21 @@ def _loop(job: _Job, run: _Run, start: int, ckpt, writer, *, progress: bool, log
   max_bad = t.get("max_nonfinite_steps", 3)
   sdc_every = t.get("sdc_check_every", 0)
   checker = None
+  if start < t.steps:
+    # Compile what the evaluation and checkpoint steps run (the eval step, the finiteness
+    # check, the replica checksums) before the first step, so that those steps do not carry
+    # a compilation (each is compiled once; the eval step again only if dropless capacity
+    # grows, like the train step).
+    t0 = time.perf_counter()
+    w0 = job.put(job.windows[:t.batch_size])
+    jax.block_until_ready(job.fns.eval_step(run.state["params"], run.state["other"], w0,
+                                            run.capacity))
+    integrity.nonfinite_leaves(run.state)
+    if job.mesh is not None and sdc_every:
+      checker = _sdc_checker(job, run)
+      checker.sums(_checked(run.state))
+    run.warmup_s = time.perf_counter() - t0
+  last_done = time.perf_counter()
   for step in range(start, t.steps):
     window = job.put(job.dataset[step])
     t0 = time.perf_counter()
@@ -469,7 +507,9 @@ def _loop(job: _Job, run: _Run, start: int, ckpt, writer, *, progress: bool, log
           f"train.learning_rate (now {t.learning_rate}; resuming with it needs "
           "--config.train.allow_config_change=True) or check the data and model settings")
     if done % t.eval_every == 0 or done == t.steps:
+      t1 = time.perf_counter()
       run.heldout = evaluate()
+      run.eval_s.append(time.perf_counter() - t1)
       writer.write({"step": done, "heldout_loss": run.heldout})
       write(f"step {done} | held-out loss {run.heldout:.4f} nats/byte")
     saving = done % t.checkpoint_every == 0 or done == t.steps
@@ -487,6 +527,9 @@ def _loop(job: _Job, run: _Run, start: int, ckpt, writer, *, progress: bool, log
       ckpt.save(done, run.state, {"step": done, "capacity": list(run.capacity)}, force=True)
       run.checkpoint_save_s.append(time.perf_counter() - t0)
       run.checkpoint_checksum_s.append(ckpt.checksum_s)
+    now = time.perf_counter()
+    run.wall_s.append(now - last_done)  # the whole iteration: step, eval, checks, save
+    last_done = now
   pbar.close()
   if run.heldout is None:  # resumed a finished run: evaluate what was restored
     run.heldout = evaluate()
@@ -535,6 +578,17 @@ def _sdc_check(checker, run: _Run, step: int, ckpt) -> None:
         f"{_last_checkpoint(ckpt)}; check or exclude the named device(s)")
 
 
+def _outliers(run: _Run) -> dict:
+  """Slowest / median step, for the train step alone (`step_times`) and for whole loop
+  iterations with their evaluation, checks and checkpoint save (`wall_s`), the first
+  (compiling) step excluded from both."""
+  out = {}
+  for key, times in (("slowest_step_over_median", run.step_times),
+                     ("slowest_iteration_over_median", run.wall_s[1:])):
+    out[key] = float(np.max(times) / np.median(times)) if len(times) else None
+  return out
+
+
 def _summarize(job: _Job, run: _Run, start: int, log) -> dict:
   """Writes `<workdir>/summary.json` and returns it."""
   cfg, t = job.cfg, job.cfg.train
@@ -553,7 +607,9 @@ def _summarize(job: _Job, run: _Run, start: int, log) -> dict:
                          else None),
       checkpoint_checksum_s=(float(np.median(run.checkpoint_checksum_s))
                              if run.checkpoint_checksum_s else None),
-      checkpoint_restore_s=run.checkpoint_restore_s, final=run.last)
+      checkpoint_restore_s=run.checkpoint_restore_s,
+      eval_s=float(np.median(run.eval_s)) if run.eval_s else None,
+      warmup_s=run.warmup_s, **_outliers(run), final=run.last)
   summary_path = os.path.join(t.workdir, "summary.json")
   if run.first_step_s is None and os.path.exists(summary_path):
     # Resumed a finished run: no step ran now, so keep the timings of the run that trained it.
@@ -612,6 +668,7 @@ def train(cfg, *, progress: bool = True, log: Callable[[str], None] = print,
   except BaseException:
     ckpt.close()
     raise
+  job.state = None  # the initial state: no copy of it lives beside the one being trained
   run0 = _Run(state, capacity, checkpoint_restore_s=ckpt.restore_s if start else None)
   if changes:
     log(f"warning: resuming at step {start} with changed settings (train.allow_config_change"
