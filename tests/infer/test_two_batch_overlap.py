@@ -1,15 +1,19 @@
 """Two micro-batch overlap (infer/overlap.py; Insights §2.3.1, V3 report §3.4): prefill and
-decode with micro_batches=2 give the single-batch outputs on a 4 x 2 mesh for both dispatch
-schedules, the compiled programs put each micro-batch's dispatch / combine all-to-alls around
-the other micro-batch's compute, and the engine with two micro-batches matches transformers.
+decode with micro_batches=2 give the single-batch outputs on a 4 x 2 mesh, the compiled programs
+put each micro-batch's dispatch / combine all-to-alls around the other micro-batch's compute,
+and the engine with two micro-batches matches transformers.
 
-Compilations (the cost of this module): per schedule, one engine's two micro-batch prefill and
-multi-step decode (`generate`), first compiled ahead of time for the HLO checks, then reused by
-the engine's own calls; and the single-batch prefill and generate of the flat schedule, the
-reference of both."""
+Compilations (the cost of this module, ~9 s of CPU per two micro-batch program): the
+single-batch prefill and decode (`generate`, the engine's multi-step decode) of the flat
+schedule, the reference; one engine's two micro-batch prefill and decode with the flat schedule,
+compiled ahead of time for the HLO checks and then reused by the engine's own calls; and the two
+micro-batch decode with the two_hop schedule. The schedule only changes the MoE dispatch /
+combine, the same code in prefill and decode (`overlap._micro_batch`), so two_hop is checked on
+decode, from the single-batch prefill's cache like the flat decode."""
 
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -57,55 +61,77 @@ def _placed(hf, mesh, schedule):
   return for_mesh(model, mesh, config.replace(dispatch=schedule))
 
 
-def _prefill_and_generate(st: StepFunctions):
-  """Prefill of `_inputs()`, then K greedy decode steps in one `generate` call, with the
-  argument types the engine passes (so the engine reuses these compilations).
-
-  Returns dict(prefill=(tokens [n], logits [n, V], pools), decode=(tokens [n, K], logits
-  [n, K, V], pools), hlo=dict(prefill=, decode=) compiled HLO texts)."""
+def _prefill(st: StepFunctions):
+  """Prefill of `_inputs()` with the argument types the engine passes (so the engine reuses
+  the compilation): ((first tokens [n], logits [n, V], pools), compiled HLO text)."""
   tokens, lens, table = _inputs()
-  n = len(lens)
   pools = st.init_pools()
   args = (tokens, lens, table[:, :st.spec.pages_for(S)])
-  pre = st.prefill.lower(st.state, pools, *args).compile()
+  text = st.prefill.lower(st.state, pools, *args).compile().as_text()
   nxt, logits, pools = st.prefill(st.state, pools, *args)
-  cached = [np.asarray(p) for p in pools]
-  args = (np.asarray(nxt), lens, np.where(lens > 0, K, 0).astype(np.int32),
+  return (np.asarray(nxt), np.asarray(logits), [np.asarray(p) for p in pools]), text
+
+
+def _generate(st: StepFunctions, first, cached):
+  """K greedy decode steps in one `generate` call from a prefill's first tokens and cache, with
+  the argument types the engine passes: ((tokens [n, K], logits [n, K, V], pools), HLO text)."""
+  _, lens, table = _inputs()
+  n = len(lens)
+  pools = tuple(jax.device_put(p, st.pool_sharding) for p in cached)
+  args = (first, lens, np.where(lens > 0, K, 0).astype(np.int32),
           np.full((n, 1), -1, np.int32), table, np.zeros(n, np.float32), np.zeros(n, np.int32),
           np.ones(n, np.float32), np.zeros((n, 2), np.uint32))
-  gen = st._generate.lower(st.state, pools, *args, K, False, True).compile()  # static last
-  out, logits2, pools = st.generate(st.state, pools, *args, n_steps=K, sampled=False,
-                                    want_logits=True)
-  return dict(prefill=(np.asarray(nxt), np.asarray(logits), cached),
-              decode=(np.asarray(out), np.asarray(logits2), [np.asarray(p) for p in pools]),
-              hlo=dict(prefill=pre.as_text(), decode=gen.as_text()))
+  text = st._generate.lower(st.state, pools, *args, K, False, True).compile().as_text()  # static
+  out, logits, pools = st.generate(st.state, pools, *args, n_steps=K, sampled=False,
+                                   want_logits=True)
+  return (np.asarray(out), np.asarray(logits), [np.asarray(p) for p in pools]), text
+
+
+def _outputs(**steps):
+  """{step: (tokens, logits, pools)} and their HLO texts under "hlo"."""
+  return {**{k: v[0] for k, v in steps.items()}, "hlo": {k: v[1] for k, v in steps.items()}}
 
 
 @pytest.fixture(scope="module")
 def single(hf, mesh):
-  """The single-batch path (flat schedule; two_hop's single-batch outputs equal flat's within
-  float rounding, <= 3.3e-7 relative): the reference of both schedules."""
-  model = _placed(hf, mesh, "flat")
+  """The single-batch path, flat schedule: the reference (two_hop's single-batch outputs equal
+  flat's within float rounding, <= 3.3e-7 relative)."""
   spec = cache_lib.CacheSpec.for_model(hf[0], pages_per_shard=B_DEV * PAGES, page_size=PAGE,
                                        num_shards=8)
-  return _prefill_and_generate(StepFunctions(model, spec, mesh, micro_batches=1))
+  st = StepFunctions(_placed(hf, mesh, "flat"), spec, mesh, micro_batches=1)
+  pre = _prefill(st)
+  return _outputs(prefill=pre, decode=_generate(st, pre[0][0], pre[0][2]))
 
 
-@pytest.fixture(scope="module", params=["flat", "two_hop"])
-def runs(request, hf, mesh):
-  """Per schedule: an engine with micro_batches=2 and its steps' outputs and compiled HLO."""
-  engine = Engine(_placed(hf, mesh, request.param), mesh=mesh, micro_batches=2, **ENGINE)
-  return request.param, engine, _prefill_and_generate(engine.steps)
+@pytest.fixture(scope="module")
+def flat(hf, mesh, single):
+  """An engine with micro_batches=2 (flat) and its steps' prefill and decode outputs."""
+  engine = Engine(_placed(hf, mesh, "flat"), mesh=mesh, micro_batches=2, **ENGINE)
+  first, _, cached = single["prefill"]
+  return engine, _outputs(prefill=_prefill(engine.steps),
+                          decode=_generate(engine.steps, first, cached))
+
+
+@pytest.fixture(scope="module")
+def two_hop(hf, mesh, single):
+  """The two micro-batch decode with the two_hop schedule."""
+  spec = cache_lib.CacheSpec.for_model(hf[0], pages_per_shard=B_DEV * PAGES, page_size=PAGE,
+                                       num_shards=8)
+  st = StepFunctions(_placed(hf, mesh, "two_hop"), spec, mesh, micro_batches=2)
+  first, _, cached = single["prefill"]
+  return None, _outputs(decode=_generate(st, first, cached))
 
 
 def _rel(a, b):
   return np.abs(a - b).max() / np.abs(a).max()
 
 
-def test_prefill_and_decode_equal_the_single_batch_path(runs, single):
-  _, _, two = runs
+@pytest.mark.parametrize("schedule", ["flat", "two_hop"])
+def test_prefill_and_decode_equal_the_single_batch_path(request, single, schedule):
+  _, two = request.getfixturevalue(schedule)
   live = _inputs()[1] > 0
-  for step in ("prefill", "decode"):
+  assert list(two["hlo"]) == (["prefill", "decode"] if schedule == "flat" else ["decode"])
+  for step in two["hlo"]:
     (t1, l1, p1), (t2, l2, p2) = single[step], two[step]
     np.testing.assert_array_equal(t1[live], t2[live], err_msg=step)
     assert _rel(l1[live], l2[live]) < RTOL, step
@@ -116,11 +142,12 @@ def test_prefill_and_decode_equal_the_single_batch_path(runs, single):
   assert np.abs(single["prefill"][1]).max() > 0.1  # real logits, not zeros
 
 
-def test_compiled_schedule_interleaves_the_micro_batches(runs, single):
+@pytest.mark.parametrize("schedule", ["flat", "two_hop"])
+def test_compiled_schedule_interleaves_the_micro_batches(request, single, schedule):
   """In schedule order: between micro-batch A's (mb0) dispatch all-to-all and its combine
   all-to-all sits B's attention; between B's dispatch and combine sit A's experts; both MoE
-  layers (layers 1, 2 of the tiny model), prefill and decode (the decode loop's body)."""
-  schedule, _, two = runs
+  layers (layers 1, 2 of the tiny model), prefill (flat) and decode (the decode loop's body)."""
+  _, two = request.getfixturevalue(schedule)
   hops = 2 if schedule == "two_hop" else 1
   for step, text in two["hlo"].items():
     ops = overlap.stage_order(text)
@@ -141,10 +168,10 @@ def test_compiled_schedule_interleaves_the_micro_batches(runs, single):
     assert not any(o.stage for o in overlap.stage_order(text))
 
 
-def test_engine_generation_with_two_micro_batches_matches_transformers(runs):
+def test_engine_generation_with_two_micro_batches_matches_transformers(flat):
   """Through the engine (multi-step decode loop), one sequence on each of 4 devices: the odd
   per-device batch (3 rows) is padded with an empty row; no new compilation."""
-  _, engine, _ = runs
+  engine, _ = flat
   ref = np.load(os.path.join(REF, "generation.npz"))
   prompts = [ref[f"prompt_{i}"].tolist() for i in range(4)]
   outs = engine.generate(prompts, max_new_tokens=12, return_logits=True)
