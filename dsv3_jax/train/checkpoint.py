@@ -70,8 +70,15 @@ def _serial_array_handler() -> None:
   restore is unchanged)."""
   if _handler_registered[0]:
     return
-  ocp.type_handlers.register_type_handler(
-      jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+  from absl import logging as absl_logging
+
+  verbosity = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.ERROR)  # orbax warns that it overrides the default
+  try:
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+  finally:
+    absl_logging.set_verbosity(verbosity)
   _handler_registered[0] = True
 
 
