@@ -52,7 +52,7 @@ def _model(workdir):
   if workdir and os.path.isfile(os.path.join(workdir, "summary.json")):  # a finished run
     from dsv3_jax.train.trainer import load_trained
     _, model, step = load_trained(workdir)
-    return model, f"{workdir} (step {step})"
+    return model, f"{os.path.relpath(os.path.abspath(workdir), R.REPO_ROOT)} (step {step})"
   cfg = ModelConfig.from_dict(tiny.get_config().model.to_dict())
   return Transformer(cfg, rngs=nnx.Rngs(0)), "tiny dims, random initialisation"
 
