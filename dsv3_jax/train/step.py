@@ -303,6 +303,9 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_fn: 
     grad_norm = global_norm(grads)
     updates, new_opt = optimizer.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
+    # The router-bias update below writes into Variables that nnx.merge may share with
+    # `other`: keep the incoming values aside, so that a skipped or discarded step returns them.
+    other_leaves, other_def = jax.tree.flatten(other)
     model = nnx.merge(graphdef, new_params, other)
     for moe, counts in zip(moe_layers(model), metrics["expert_counts"]):
       b = moe.gate.e_score_correction_bias
@@ -321,8 +324,8 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_fn: 
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(applied, n, o), new, old)
     metrics["grad_norm"] = grad_norm
     metrics["skipped"] = jnp.logical_not(finite).astype(jnp.float32)
-    return (keep(new_params, params), keep(new_other, other), keep(new_opt, opt_state),
-            metrics)
+    return (keep(new_params, params), keep(new_other, jax.tree.unflatten(other_def, other_leaves)),
+            keep(new_opt, opt_state), metrics)
 
   if mode == "per_axis":
     def per_device_step(params, other, opt_state, data, capacity):
