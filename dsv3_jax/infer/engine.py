@@ -513,15 +513,14 @@ class Engine:
     g, n = len(s.generated), len(s.prompt)
     return min(s.max_new_tokens - g, self.config.max_position_embeddings - n - g + 1)
 
-  def _decode(self, seqs: list[_Sequence], events: list) -> None:
-    if self.speculative is not None:
-      return self.speculative.decode(self, seqs, events)
-    b, rows = self._layout(seqs)
-    n = b * self.spec.num_shards
-    k = self.decode_steps
+  def _decode_inputs(self, seqs: list[_Sequence], rows, n: int, ahead: int):
+    """Host arrays of a decode call over `n` rows, after growing every sequence's pages for up
+    to `ahead` new cached positions: (last tokens [n], start positions [n], tokens each may
+    still produce [n], stop ids [n, S] (-1 = none), page table [n, P]; padding entries point
+    at the sequence's own first page), all int32."""
     remaining = {s.id: self._remaining(s) for s in seqs}
     for _, s in rows:
-      self._grow(s, s.cached + min(k, remaining[s.id]))
+      self._grow(s, s.cached + min(ahead, remaining[s.id]))
     n_pages = _pick(max(len(s.pages) for s in seqs), self.page_buckets)
     n_stop = _pick(max(1, max(len(s.stop_tokens) for s in seqs)), (1, 2, 4, 8, 16, 32))
     tokens = np.zeros((n,), np.int32)
@@ -535,7 +534,16 @@ class Engine:
       rem[r] = remaining[s.id]
       stop[r, :len(s.stop_tokens)] = sorted(s.stop_tokens)
       table[r, :len(s.pages)] = s.pages
-      table[r, len(s.pages):] = s.pages[0]  # padding entries point at the sequence's own page
+      table[r, len(s.pages):] = s.pages[0]
+    return tokens, start, rem, stop, table
+
+  def _decode(self, seqs: list[_Sequence], events: list) -> None:
+    if self.speculative is not None:
+      return self.speculative.decode(self, seqs, events)
+    b, rows = self._layout(seqs)
+    n = b * self.spec.num_shards
+    k = self.decode_steps
+    tokens, start, rem, stop, table = self._decode_inputs(seqs, rows, n, k)
     sampled = any(s.sampling.temperature > 0 for s in seqs)
     want_logits = any(s.want_logits for s in seqs)
     t0 = time.perf_counter()

@@ -387,25 +387,10 @@ class SpeculativeDecoder:
     n = b * engine.spec.num_shards
     k = engine.decode_steps
     t = self.depth + 1
-    remaining = {s.id: engine._remaining(s) for s in seqs}
-    for _, s in rows:
-      engine._grow(s, s.cached + min(k * t, remaining[s.id]))
-    n_pages = _pick(max(len(s.pages) for s in seqs), engine.page_buckets)
-    n_stop = _pick(max(1, max(len(s.stop_tokens) for s in seqs)), (1, 2, 4, 8, 16, 32))
-    tokens = np.zeros((n,), np.int32)
-    start = np.zeros((n,), np.int32)
-    rem = np.zeros((n,), np.int32)
-    stop = np.full((n, n_stop), -1, np.int32)
-    table = np.zeros((n, n_pages), np.int32)
+    tokens, start, rem, stop, table = engine._decode_inputs(seqs, rows, n, k * t)
     drafts = np.zeros((n, self.depth), np.int32)
     carry = np.zeros((n, self.depth - 1, self.steps.hidden), jnp.dtype(engine.config.dtype))
     for r, s in rows:
-      tokens[r] = s.generated[-1]
-      start[r] = s.cached
-      rem[r] = remaining[s.id]
-      stop[r, :len(s.stop_tokens)] = sorted(s.stop_tokens)
-      table[r, :len(s.pages)] = s.pages
-      table[r, len(s.pages):] = s.pages[0]  # padding entries point at the sequence's own page
       drafts[r], carry[r] = self._state[s.id]
     want_logits = any(s.want_logits for s in seqs)
     t0 = time.perf_counter()
