@@ -7,6 +7,12 @@ device count changes, never the program.
 
 Sharding notation (scaling book): x[B_{node,gpu}, S, D] is a batch sharded over node x gpu;
 W[E_{node,gpu}, D, F] are routed experts sharded the same way; everything else is replicated.
+
+Axis names (the one place they are defined): `node` (inter-node fabric, InfiniBand) and `gpu`
+(intra-node, NVLink) carry expert parallelism; `replica` indexes data-parallel copies of an
+expert-parallel group over a subset of nodes; `stage` indexes pipeline-parallel ranks
+(`make_pipeline_mesh`, `parallel.pipeline`), each holding its own layers and its own
+(`replica`,) `node` x `gpu` group.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import sys
 NODE_AXIS = "node"
 GPU_AXIS = "gpu"
 REPLICA_AXIS = "replica"
+STAGE_AXIS = "stage"
 MESH_AXES = (NODE_AXIS, GPU_AXIS)
 _FLAG = "--xla_force_host_platform_device_count"
 
@@ -106,3 +113,42 @@ def state_shardings(state, mesh):
 
   return jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s),
                       nnx.get_partition_spec(state))
+
+
+def make_pipeline_mesh(stages: int, nodes: int, gpus_per_node: int, ep_nodes=None, devices=None):
+  """A mesh with a leading pipeline-stage axis: (`stage`, [`replica`,] `node`, `gpu`).
+
+  Every stage holds `nodes` x `gpus_per_node` devices laid out as `make_mesh` lays out the
+  whole cluster (expert parallelism over (`node`, `gpu`) inside a stage, and over `ep_nodes`
+  nodes with a `replica` axis when `ep_nodes` < `nodes`). Stages are consecutive blocks of
+  devices: device d = stage * nodes * gpus_per_node + node * gpus_per_node + gpu.
+
+  Args:
+    stages: pipeline stages (mesh.stages), >= 1.
+    nodes, gpus_per_node, ep_nodes: per stage, as `make_mesh`.
+    devices: optional explicit device list (default: the first stages * nodes * gpus_per_node).
+
+  Raises:
+    ValueError: a non-positive size, `ep_nodes` not dividing `nodes`, or axes that do not
+      multiply to the available device count (naming mesh.stages, mesh.nodes,
+      mesh.gpus_per_node).
+  """
+  import jax
+  import numpy as np
+
+  if not isinstance(stages, int) or isinstance(stages, bool) or stages < 1:
+    raise ValueError(f"mesh.stages must be a positive integer, got {stages!r}")
+  devices = list(jax.devices() if devices is None else devices)
+  for name, v in (("mesh.nodes", nodes), ("mesh.gpus_per_node", gpus_per_node)):
+    if not isinstance(v, int) or v < 1:
+      raise ValueError(f"{name} must be a positive integer, got {v!r}")
+  per_stage = nodes * gpus_per_node
+  if stages * per_stage > len(devices):
+    raise ValueError(
+        f"mesh.stages x mesh.nodes x mesh.gpus_per_node = {stages} x {nodes} x {gpus_per_node} "
+        f"= {stages * per_stage} devices, but jax has {len(devices)}; set "
+        f"XLA_FLAGS={_FLAG}={stages * per_stage} before importing jax")
+  inner = [make_mesh(nodes, gpus_per_node, ep_nodes, devices[s * per_stage:(s + 1) * per_stage])
+           for s in range(stages)]
+  grid = np.stack([m.devices for m in inner])
+  return jax.sharding.Mesh(grid, (STAGE_AXIS,) + tuple(inner[0].axis_names))
