@@ -104,5 +104,11 @@ def get_config() -> config_dict.ConfigDict:
       max_nonfinite_steps=3,
       sdc_check_every=50,
       allow_config_change=False,
+      # ZeRO-1 (V3 report §3.2; dsv3_jax/train/zero1.py): each parameter's Adam moments
+      # partitioned over the devices that hold that parameter, gradients reduce-scattered and
+      # the updated slices all-gathered. Off by default: the gather overwrites every replica of
+      # a parameter and each moment has one copy, so the replica check above no longer finds
+      # silent data corruption in them.
+      shard_optimizer_state=False,
   ))
   return c

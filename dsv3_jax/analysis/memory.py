@@ -346,3 +346,82 @@ def decode_tokens_per_second(activated_params: float, memory_bandwidth: float,
     raise ValueError(f"kv_bytes_read must be >= 0, got {kv_bytes_read!r}")
   return efficiency * memory_bandwidth / (weight_bytes(activated_params, weight_bits) +
                                           kv_bytes_read)
+
+
+# --------------------------------------------------------------------------- optimizer state
+def trained_parameter_split(model: Any) -> tuple[int, int]:
+  """(replicated, routed) parameter counts the optimizer trains, by where they live on an
+  expert-parallel mesh (`parallel.mesh.shard_model`).
+
+  Routed: every routed expert of every MoE layer, the MTP modules' included (split over the EP
+  group). Replicated: everything else (embedding, head, attention, norms, dense MLPs, routers,
+  shared experts, MTP projections). The routers' `e_score_correction_bias` is excluded: it is
+  set by the auxiliary-loss-free update (V3 report §2.1.2), not by the optimizer.
+
+  Args:
+    model: `ModelSpec`, config name or config.
+
+  Returns:
+    (replicated, routed) element counts.
+
+  Raises:
+    ValueError: on invalid configs.
+  """
+  s = ModelSpec.from_config(model)
+  c = parameter_counts(s)
+  mtp_moe = s.num_nextn_predict_layers if s.is_moe else 0
+  moe_layers = s.num_moe_layers + mtp_moe
+  routed = moe_layers * s.n_routed_experts * expert_params(s)
+  bias = moe_layers * s.n_routed_experts if s.gate_bias else 0
+  return c.total + c.mtp - routed - bias, routed
+
+
+def optimizer_state_bytes_per_device(replicated_params: int, routed_params: int, *,
+                                     devices: int, ep_size: int, zero1: bool,
+                                     states_per_param: int = 2, state_bytes: int = 4,
+                                     scalar_bytes: int = 8) -> int:
+  """Optimizer-state bytes one device holds, with or without ZeRO-1.
+
+  ZeRO stage 1 (Rajbhandari et al., arXiv 1910.02054, §5.1, P_os: K Psi / N_d bytes of
+  optimizer state per device) over the devices that hold the same parameters, as DeepSeek-V3
+  trains (V3 report §3.2): replicated parameters are held by all `devices`, routed experts by
+  the `devices / ep_size` expert-parallel replicas (one slice of the experts per EP rank).
+
+    without ZeRO-1: K b (Psi_r + Psi_e / EP)
+    ZeRO-1:         K b (Psi_r / N + Psi_e / (EP * N / EP)) = K b (Psi_r + Psi_e) / N
+
+  plus `scalar_bytes` of replicated scalars (optax AdamW: two int32 step counts). Exact when
+  every partitioned dimension divides by its device count (`train.zero1.leaf_plan`; true of
+  configs/orion_4x8.py on 4 x 8); a leaf that does not divide keeps more copies.
+
+  Args:
+    replicated_params, routed_params: element counts (`trained_parameter_split`).
+    devices: N, devices of the data-parallel x expert-parallel mesh.
+    ep_size: EP, devices of one expert-parallel group (divides N and the routed experts).
+    zero1: partitioned (True) or replicated (False) optimizer state.
+    states_per_param: K, state elements per parameter (Adam: 2 moments; 3 with a separate
+      float32 master copy of low-precision parameters; here parameters are the float32 master
+      weights).
+    state_bytes: b, bytes per state element (4: float32).
+    scalar_bytes: bytes of the replicated scalars.
+
+  Returns:
+    Bytes per device (int).
+
+  Raises:
+    ValueError: non-positive sizes, or `ep_size` not dividing `devices` or the routed params.
+  """
+  for name, v in (("devices", devices), ("ep_size", ep_size),
+                  ("states_per_param", states_per_param), ("state_bytes", state_bytes)):
+    _check_positive(name, v)
+  for name, v in (("replicated_params", replicated_params), ("routed_params", routed_params),
+                  ("scalar_bytes", scalar_bytes)):
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+      raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
+  if devices % ep_size or routed_params % ep_size:
+    raise ValueError(f"ep_size={ep_size} must divide devices={devices} and "
+                     f"routed_params={routed_params}")
+  per_param = states_per_param * state_bytes
+  elements = ((replicated_params + routed_params) / devices if zero1 else
+              replicated_params + routed_params / ep_size)
+  return int(round(per_param * elements)) + scalar_bytes

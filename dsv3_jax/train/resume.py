@@ -26,6 +26,12 @@ NEUTRAL = frozenset({
     "data.eval_sequences",
 })
 HISTORY = "run_history.jsonl"
+# Settings added after runs were already written: a stored config.json without one of them
+# trained with its value here (the behaviour before the setting existed), so resuming such a run
+# with that value is no change.
+ADDED_DEFAULTS = {
+    "train.shard_optimizer_state": False,
+}
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -44,8 +50,12 @@ _ABSENT = "(absent)"
 
 def changed_fields(stored: dict, new: dict) -> dict[str, tuple[Any, Any]]:
   """{field: (stored value, new value)} for every field outside `NEUTRAL` that differs (a
-  field present on one side only shows "(absent)" on the other). Both dicts as JSON-loaded."""
+  field present on one side only shows "(absent)" on the other; a stored config without a
+  field of `ADDED_DEFAULTS`, on either side, counts as holding its default). Both dicts as JSON-loaded."""
   a, b = flatten(stored), flatten(new)
+  for key, default in ADDED_DEFAULTS.items():
+    a.setdefault(key, default)
+    b.setdefault(key, default)
   out = {}
   for key in sorted(set(a) | set(b)):
     if key in NEUTRAL:

@@ -23,6 +23,11 @@ gradients of replicated parameters are summed over devices (`grad_sum`, one of `
   not fit the open-file limit at 2048 (README, "More than 256 devices"; results/scale_2048.md);
   real clusters reduce hierarchically too. Equal to "mesh" up to float summation order.
 * "auto": "per_axis" above `PER_AXIS_ABOVE_DEVICES` devices, else "mesh".
+
+With `zero1` (train.shard_optimizer_state; `train/zero1.py`, V3 report §3.2) the optimizer
+state of each parameter is partitioned over the devices that hold that parameter: its gradient
+is reduce-scattered to the state slices (per_axis: one mesh axis at a time), each device updates
+its slice, and the new parameters are all-gathered (per_axis: axis by axis, in the shard_map).
 """
 
 from __future__ import annotations
@@ -37,7 +42,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dsv3_jax.model.config import ModelConfig
 from dsv3_jax.model.moe import DeepSeekMoE
+from dsv3_jax.train import zero1 as zero1_lib
 from dsv3_jax.train.losses import bias_update, compute_losses, make_batch
+from dsv3_jax.train.zero1 import optimizer_state_shardings  # noqa: F401  (re-exported)
 from dsv3_jax.vma import varying_axes
 
 GRAD_SUMS = ("auto", "mesh", "per_axis")
@@ -119,47 +126,6 @@ def make_optimizer(train_cfg) -> optax.GradientTransformation:
       optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay_mask))
 
 
-def optimizer_state_shardings(opt_state, mesh, *, shard_replicated: bool = True):
-  """NamedShardings on `mesh` for an optimizer state whose leaves are placed like the parameters
-  (`optimizer.init(params)` of a model sharded with `parallel.mesh.shard_model`).
-
-  A leaf sharded over some mesh axis (the moments of expert weights) keeps its sharding. With
-  `shard_replicated`, a fully replicated leaf of rank >= 1 (Adam's first and second moments of
-  a replicated parameter: attention, dense MLP, embeddings, norms) is sharded over every mesh
-  axis on its first dimension divisible by the mesh size: the optimizer state partitioning of
-  ZeRO stage 1 (Rajbhandari et al., arXiv 1910.02054), the data parallelism DeepSeek-V3 trains
-  with (report §3.2, "ZeRO-1 Data Parallelism"). Under GSPMD ("mesh" gradient sum) each
-  device then updates a 1 / N slice of every replicated parameter and the new parameters are
-  all-gathered to their replicated sharding; every element's update is the same arithmetic, so
-  the values equal the replicated update's (tests/train/test_step.py). Scalars (the step
-  count), leaves with no divisible dimension and everything when `shard_replicated` is False
-  are replicated.
-
-  Args:
-    opt_state: pytree of jax.Arrays (any sharding; a leaf that is not on a NamedSharding, e.g.
-      the count on one device, counts as replicated).
-    mesh: the jax Mesh.
-    shard_replicated: ZeRO-1 on (True) or every leaf as it is / replicated (False).
-
-  Returns:
-    A pytree of NamedSharding matching `opt_state`.
-  """
-  axes = tuple(mesh.axis_names)
-  replicated = NamedSharding(mesh, P())
-
-  def leaf(x):
-    sh = getattr(x, "sharding", None)
-    if isinstance(sh, NamedSharding) and sh.mesh == mesh and _spec_axes(sh.spec):
-      return sh  # already sharded (experts)
-    if shard_replicated:
-      for d, n in enumerate(x.shape):
-        if n % mesh.size == 0:
-          return NamedSharding(mesh, P(*([None] * d), axes))
-    return replicated
-
-  return jax.tree.map(leaf, opt_state)
-
-
 # ----------------------------------------------------------------------------- steps
 
 
@@ -227,7 +193,7 @@ def _spec_axes(spec: P) -> set:
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_fn: LossFn, *,
                     bias_update_speed: float, mesh=None, param_shardings=None,
                     other_shardings=None, opt_shardings=None, grad_sum: str = "auto",
-                    donate: bool = False, discard_overflow: bool = False):
+                    donate: bool = False, discard_overflow: bool = False, zero1: bool = False):
   """The jitted training step of a split nnx model with DeepSeekMoE layers.
 
   Args:
@@ -237,7 +203,8 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_fn: 
     mesh: None (one device) or the mesh; data then enters sharded over every mesh axis on its
       leading dimension ([B_{node,gpu}, ...]).
     param_shardings, other_shardings, opt_shardings: NamedSharding trees of the state on `mesh`
-      (`opt_shardings` is needed with grad_sum="per_axis").
+      (`opt_shardings` is needed with grad_sum="per_axis"; with `zero1` it must be
+      `zero1.optimizer_state_shardings(opt_state, mesh, shard_replicated=True)`).
     grad_sum: one of `GRAD_SUMS` (module docstring).
     donate: donate the state buffers (params, other, opt_state) to the step, so that the new
       state reuses their memory instead of living beside it (on the emulated 4 x 8 mesh each
@@ -246,6 +213,12 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_fn: 
     discard_overflow: return the state it was given (nothing updated, as for a non-finite step)
       when an MoE layer needed more than `capacity` rows, so that a dropless caller can rerun
       the step with a larger capacity from the returned (unchanged) state, also with `donate`.
+    zero1: ZeRO-1 (`train/zero1.py`): the gradients of replicated parameters are
+      reduce-scattered to the optimizer-state slices, each device updates its slice, the new
+      parameters are all-gathered; "per_axis" does all three one mesh axis at a time inside
+      the shard_map, "mesh" scatters over the whole mesh at once and leaves the sliced update
+      and the gather to GSPMD. Needs a mesh. The same update up to float summation order (the
+      clipping norm sums slices; tests/train/test_zero1.py).
 
   Returns:
     train_step(params, other, opt_state, data, capacity) -> (params, other, opt_state, metrics),
@@ -257,16 +230,20 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_fn: 
     state is returned unchanged as well).
 
   Raises:
-    ValueError: a bad `grad_sum`, or grad_sum="per_axis" without the shardings.
+    ValueError: a bad `grad_sum`, grad_sum="per_axis" or `zero1` without the shardings, or
+      `zero1` without a mesh.
   """
   gamma = float(bias_update_speed)
   mode = resolve_grad_sum(grad_sum, mesh)
   axes = tuple(mesh.axis_names) if mesh is not None else ()
   n_dev = 1 if mesh is None else mesh.size
-  if mode == "per_axis":
+  if zero1 and mesh is None:
+    raise ValueError("zero1=True (train.shard_optimizer_state) needs a mesh: on one device "
+                     "there is nothing to partition")
+  if mode == "per_axis" or zero1:
     if param_shardings is None or other_shardings is None or opt_shardings is None:
-      raise ValueError("grad_sum='per_axis' needs param_shardings, other_shardings and "
-                       "opt_shardings")
+      raise ValueError(f"grad_sum={mode!r}{' with zero1' if zero1 else ''} needs "
+                       "param_shardings, other_shardings and opt_shardings")
     mean = lambda x: _sum_axes(x, axes) / n_dev
     # Per parameter, the mesh axes it is replicated over (all of them, but the experts').
     is_p = lambda s: isinstance(s, P)
@@ -277,9 +254,13 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_fn: 
     mean = lambda x: jax.lax.pmean(x, axes)
   else:
     mean = lambda x: x
+  if zero1 and mode == "mesh":
+    replicated_over = jax.tree.map(
+        lambda s: tuple(a for a in axes if a not in _spec_axes(s)),
+        _specs(param_shardings), is_leaf=lambda s: isinstance(s, P))
 
-  def per_device_grads(params, other, data, capacity):
-    if mode == "per_axis":
+  def per_device_grads(params, other, data, capacity, plans=None):
+    if mode == "per_axis" or zero1:
       # Per-device copies of the replicated parameters: their gradients stay per device (no
       # implicit all-device psum from shard_map's transpose) and are summed axis by axis.
       diff = jax.tree.map(lambda p, ax: jax.lax.pcast(p, ax, to="varying") if ax else p,
@@ -293,16 +274,27 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_fn: 
       return loss, (metrics, stats)
 
     (_, (scalars, stats)), grads = jax.value_and_grad(objective, has_aux=True)(diff)
-    if mode == "per_axis":
+    if zero1:  # reduce-scatter to the optimizer-state slices (zero1.reduce_gradient)
+      grads = jax.tree.map(lambda g, lf: zero1_lib.reduce_gradient(g, lf, mode == "per_axis"),
+                           grads, plans)
+    elif mode == "per_axis":
       grads = jax.tree.map(_sum_axes, grads, replicated_over)
     metrics = {k: mean(v) for k, v in scalars.items()}
     metrics.update(_dispatch_totals(stats))
     return grads, metrics
 
-  def apply(params, other, opt_state, grads, metrics, capacity):
+  def apply(params, other, opt_state, grads, metrics, capacity, plans=None):
     grad_norm = global_norm(grads)
-    updates, new_opt = optimizer.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
+    if zero1 and mode == "per_axis":  # each device updates its slices, then gathers them
+      local = jax.tree.map(zero1_lib.local_slice, params, plans)
+      updates, new_opt = optimizer.update(grads, opt_state, local)
+      new_params = jax.tree.map(zero1_lib.gather, optax.apply_updates(local, updates), plans)
+    else:
+      updates, new_opt = optimizer.update(grads, opt_state, params)
+      if zero1:  # GSPMD: update the slices; out_shardings all-gathers the new parameters
+        updates = jax.lax.with_sharding_constraint(updates, jax.tree.map(
+            lambda lf: NamedSharding(mesh, lf.state_spec), plans))
+      new_params = optax.apply_updates(params, updates)
     # The router-bias update below writes into Variables that nnx.merge may share with
     # `other`: keep the incoming values aside, so that a skipped or discarded step returns them.
     other_leaves, other_def = jax.tree.flatten(other)
@@ -327,29 +319,38 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_fn: 
     return (keep(new_params, params), keep(new_other, jax.tree.unflatten(other_def, other_leaves)),
             keep(new_opt, opt_state), metrics)
 
+  # ZeRO-1: each parameter's state placement, from its global shape (zero1.leaf_plan).
+  get_plans = lambda p: zero1_lib.plans(p, param_shardings, mesh) if zero1 else None
   if mode == "per_axis":
-    def per_device_step(params, other, opt_state, data, capacity):
-      grads, metrics = per_device_grads(params, other, data, capacity)
-      return apply(params, other, opt_state, grads, metrics, capacity)
+    def per_device_step(params, other, opt_state, data, capacity, plans):
+      grads, metrics = per_device_grads(params, other, data, capacity, plans)
+      return apply(params, other, opt_state, grads, metrics, capacity, plans)
 
     p_spec, o_spec, s_spec = (_specs(param_shardings), _specs(other_shardings),
                               _specs(opt_shardings))
-    train_step = lambda p, o, s, d, c: jax.shard_map(
-        lambda p, o, s, d: per_device_step(p, o, s, d, c), mesh=mesh,
-        in_specs=(p_spec, o_spec, s_spec, P(axes)),
-        out_specs=(p_spec, o_spec, s_spec, P()))(p, o, s, d)
+
+    def train_step(p, o, s, d, c):
+      plans = get_plans(p)
+      return jax.shard_map(
+          lambda p, o, s, d: per_device_step(p, o, s, d, c, plans), mesh=mesh,
+          in_specs=(p_spec, o_spec, s_spec, P(axes)),
+          out_specs=(p_spec, o_spec, s_spec, P()))(p, o, s, d)
   else:
     if mesh is not None:
       p_spec, o_spec = _specs(param_shardings), _specs(other_shardings)
-      grads_fn = lambda p, o, d, c: jax.shard_map(
-          lambda p, o, d: per_device_grads(p, o, d, c), mesh=mesh,
-          in_specs=(p_spec, o_spec, P(axes)), out_specs=(p_spec, P()))(p, o, d)
+
+      def grads_fn(p, o, d, c):
+        plans = get_plans(p)
+        g_spec = p_spec if plans is None else jax.tree.map(lambda lf: lf.state_spec, plans)
+        return jax.shard_map(
+            lambda p, o, d: per_device_grads(p, o, d, c, plans), mesh=mesh,
+            in_specs=(p_spec, o_spec, P(axes)), out_specs=(g_spec, P()))(p, o, d)
     else:
       grads_fn = per_device_grads
 
     def train_step(params, other, opt_state, data, capacity):
       grads, metrics = grads_fn(params, other, data, capacity)
-      return apply(params, other, opt_state, grads, metrics, capacity)
+      return apply(params, other, opt_state, grads, metrics, capacity, get_plans(params))
 
   donated = (0, 1, 2) if donate else ()
   if mesh is None:
@@ -363,12 +364,12 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_fn: 
 def make_step_fns(graphdef, optimizer, model_cfg: ModelConfig, train_cfg, seq_len: int,
                   mesh=None, param_shardings=None, other_shardings=None,
                   opt_shardings=None, grad_sum: str = "auto", donate: bool = False,
-                  discard_overflow: bool = False) -> StepFns:
+                  discard_overflow: bool = False, zero1: bool = False) -> StepFns:
   """Builds the jitted language-model train and eval steps for a split `Transformer`.
 
   The train step's loss is CE + lambda * MTP + alpha * balance (`losses.compute_losses`) over
   token windows [B, S + 1 + D] int32 (`losses.make_batch`); see `make_train_step` for the
-  arguments, the mesh, `grad_sum`, `donate` and `discard_overflow`. The eval step returns the held-out nats summed over
+  arguments, the mesh, `grad_sum`, `donate`, `discard_overflow` and `zero1`. The eval step returns the held-out nats summed over
   every predicted token, their count, and the capacity the step needed.
 
   Raises:
@@ -395,7 +396,7 @@ def make_step_fns(graphdef, optimizer, model_cfg: ModelConfig, train_cfg, seq_le
       graphdef, optimizer, lm_loss, bias_update_speed=train_cfg.bias_update_speed, mesh=mesh,
       param_shardings=param_shardings, other_shardings=other_shardings,
       opt_shardings=opt_shardings, grad_sum=mode, donate=donate,
-      discard_overflow=discard_overflow)
+      discard_overflow=discard_overflow, zero1=zero1)
 
   def per_device_eval(params, other, window, capacity):
     model = nnx.merge(graphdef, params, other)

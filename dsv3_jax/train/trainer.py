@@ -143,6 +143,9 @@ def validate(cfg, log: Optional[Callable[[str], None]] = None) -> ModelConfig:
     v = t.get(name, default)
     if not isinstance(v, int) or isinstance(v, bool) or v < low:
       raise ValueError(f"train.{name} must be an integer >= {low}, got {v!r}")
+  if not isinstance(t.get("shard_optimizer_state", False), bool):
+    raise ValueError(f"train.shard_optimizer_state={t.shard_optimizer_state!r}; allowed: True "
+                     "(ZeRO-1, train/zero1.py) or False")
   if t.warmup_steps > t.steps and log is not None:
     log(f"warning: train.warmup_steps={t.warmup_steps} > train.steps={t.steps}: the learning "
         "rate never reaches train.learning_rate")
@@ -289,16 +292,16 @@ def _build(cfg, model_cfg: ModelConfig, log) -> _Job:
           opt_state)
     sh = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
     p_sh, o_sh = sh(params), sh(other)
-    # ZeRO-1 (step.optimizer_state_shardings), opt-in with train.shard_optimizer_state: the
-    # moments of replicated parameters sharded over the data-parallel devices, 1 / N of them
-    # per device instead of N copies (-0.5 GiB on the 4 x 8 mesh). Off by default: every step
-    # then all-gathers each replicated parameter from the slice one device updated, which
-    # overwrites (or spreads) a corrupted replica before the replica check can see it, so the
-    # SDC check (train.sdc_check_every) would no longer find a bit flip in a parameter copy.
-    # Only with the "mesh" gradient sum (GSPMD runs the update); "per_axis" updates inside
-    # shard_map.
-    zero1 = (t.get("shard_optimizer_state", False) and
-             resolve_grad_sum(t.get("grad_sum", "auto"), mesh) == "mesh")
+    # ZeRO-1 (train/zero1.py), opt-in with train.shard_optimizer_state: each parameter's
+    # Adam moments partitioned over the devices that hold that parameter. Off by default:
+    # every step then all-gathers each replicated parameter from the slice one device updated,
+    # which overwrites (or spreads) a corrupted replica before the replica check can see it,
+    # and each moment has one copy, so the SDC check (train.sdc_check_every) would no longer
+    # find a bit flip in a parameter copy or a moment.
+    zero1 = bool(t.get("shard_optimizer_state", False))
+    if zero1 and t.get("sdc_check_every", 0):
+      log("note: train.shard_optimizer_state (ZeRO-1) hides silent data corruption in the "
+          "replicated parameters and the moments from the replica check (README, Reliability)")
     opt_sh = optimizer_state_shardings(opt_state, mesh, shard_replicated=zero1)
     opt_state = jax.jit(lambda s: s, out_shardings=opt_sh)(opt_state)
     batch_sharding = NamedSharding(mesh, P(tuple(mesh.axis_names)))
@@ -317,7 +320,8 @@ def _build(cfg, model_cfg: ModelConfig, log) -> _Job:
   # overflows returns the state unchanged and is rerun from it (`_train_step`).
   fns = make_step_fns(graphdef, optimizer, model_cfg, t, seq, mesh, p_sh, o_sh, opt_sh,
                       grad_sum=t.get("grad_sum", "auto"), donate=True,
-                      discard_overflow=bool(t.dropless))
+                      discard_overflow=bool(t.dropless),
+                      zero1=mesh is not None and bool(t.get("shard_optimizer_state", False)))
   moe0 = model.moe_layers[0] if model.moe_layers else None
   tokens_per_step = t.batch_size * seq
   return _Job(

@@ -123,25 +123,3 @@ def test_grad_sum_resolution():
   assert step_lib.resolve_grad_sum("mesh", _Mesh()) == "mesh"
   with pytest.raises(ValueError, match="allowed: \\('auto', 'mesh', 'per_axis'\\)"):
     step_lib.resolve_grad_sum("ring", None)
-
-
-def test_zero1_sharded_moments_give_the_replicated_update():
-  """ZeRO-1 (`optimizer_state_shardings(shard_replicated=True)`, report §3.2): the Adam moments
-  of replicated parameters live as 1 / N slices, and two steps give the replicated update's
-  parameters and moments (the replicated program is the one the tests above compiled)."""
-  _, compiled, (params, other, opt_state), window = _compiled((2, 4, None))
-  make, _, _ = _setup(2, 4)
-  mesh = jax.tree.leaves(params)[0].sharding.mesh
-  zero_sh = step_lib.optimizer_state_shardings(opt_state, mesh, shard_replicated=True)
-  zero_state = jax.jit(lambda s: s, out_shardings=zero_sh)(opt_state)
-  moments = [x for x in jax.tree.leaves(zero_state) if x.ndim >= 1]
-  assert moments and all(x.addressable_shards[0].data.size * 8 == x.size for x in moments)
-  zero_step = make("mesh", zero_sh).train_step
-  out = {}
-  for name, step, s in (("replicated", lambda *a: compiled["mesh"](*a), opt_state),
-                        ("zero1", lambda *a: zero_step(*a, CAP), zero_state)):
-    p, o, s2, m = step(params, other, s, window)
-    p, o, s2, m = step(p, o, s2, window)
-    out[name] = jax.device_get((p, o, s2, m["loss"]))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7),
-               out["replicated"], out["zero1"])
