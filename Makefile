@@ -18,8 +18,11 @@ $(STAMP): setup.cfg pyproject.toml
 train: $(STAMP)
 	$(BIN)/dsv3-train --config=configs/orion_4x8.py
 
+# The suite on $(TEST_WORKERS) pytest-xdist workers, each taking whole files, longest first
+# (tests/conftest.py); TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # Training-step throughput of the tiny config on one device (results/benchmark_step.*).
 bench: $(STAMP)
