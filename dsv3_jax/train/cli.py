@@ -43,7 +43,7 @@ def main(argv) -> None:
   cfg = flags.FLAGS.config
   from dsv3_jax.parallel.mesh import set_host_device_count
 
-  set_host_device_count(cfg.mesh.nodes * cfg.mesh.gpus_per_node)
+  set_host_device_count(cfg.mesh.nodes * cfg.mesh.gpus_per_node * cfg.mesh.get("stages", 1))
   from dsv3_jax.train import trainer  # imports jax with the device count in place
 
   try:

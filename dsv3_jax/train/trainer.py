@@ -322,6 +322,11 @@ def _build(cfg, model_cfg: ModelConfig, log) -> _Job:
                       grad_sum=t.get("grad_sum", "auto"), donate=True,
                       discard_overflow=bool(t.dropless),
                       zero1=mesh is not None and bool(t.get("shard_optimizer_state", False)))
+  if cfg.mesh.get("stages", 1) > 1:  # pipeline parallelism (train/pipeline_step.py)
+    from dsv3_jax.train import pipeline_step
+    fns, mesh, params, other, opt_state, put = pipeline_step.trainer_step_fns(
+        cfg, graphdef, optimizer, model_cfg, params, other, opt_state,
+        discard_overflow=bool(t.dropless))
   moe0 = model.moe_layers[0] if model.moe_layers else None
   tokens_per_step = t.batch_size * seq
   return _Job(
