@@ -10,6 +10,10 @@ Writes results/scale_2048.{md,csv,png}.
                                                           # on this 2-core machine)
     .venv/bin/python experiments/scale_2048.py --table    # the device-count table (8 .. 2048,
                                                           # both schedules)
+    .venv/bin/python experiments/scale_2048.py --devices 512 --ep-nodes 8 [--zero1]
+                                                          # DeepSeek-V3's layout: EP64 x DP8,
+                                                          # one EP group per process
+                                                          # (experiments/_scale_layout.py)
 
 Each measured configuration is one training step of the MoE half of a decoder block, RMSNorm
 then the real `DeepSeekMoE` layer (router with node-limited routing, shared expert, routed
@@ -47,6 +51,8 @@ import time
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
   sys.path.insert(0, REPO_ROOT)
+
+from experiments import _scale_layout  # noqa: E402
 
 NAME = "scale_2048"
 GPUS_PER_NODE = 8
@@ -98,7 +104,8 @@ def _moe_sublayer(cfg, mesh, rngs):
 def moe_step(nodes: int, gpus: int, schedule: str, tokens: int, hidden: int, ffn: int,
              top_k: int, topk_group: int, capacity_factor: float, steps: int = 3,
              seed: int = 0, lr: float = 0.1, gamma: float = 1e-3, execute: bool = True,
-             analyze: bool = True, load_wave: int = 4) -> dict:
+             analyze: bool = True, load_wave: int = 4, ep_nodes: int | None = None,
+             zero1: bool = False) -> dict:
   """One process's part of the measured MoE-layer step (the target of `launch.launch`).
 
   Args:
@@ -111,6 +118,10 @@ def moe_step(nodes: int, gpus: int, schedule: str, tokens: int, hidden: int, ffn
     execute: False compiles only (any device count fits in one process).
     analyze: on process 0, parse the compiled HLO and the lowered StableHLO collectives.
     load_wave: processes that load process 0's executable at the same time (0: all at once).
+    ep_nodes: nodes per expert-parallel group (None: one group over every node); fewer makes
+      a ('replica', 'node', 'gpu') mesh with ep_nodes x gpus experts (DeepSeek-V3: 8, EP64).
+    zero1: Adam (lr / 100) with its moments partitioned by ZeRO-1 (`train/zero1.py`) instead
+      of SGD (which has no state to partition).
 
   Returns:
     A JSON-able dict: seconds for lowering, compiling and each step, losses, the last step's
@@ -129,16 +140,22 @@ def moe_step(nodes: int, gpus: int, schedule: str, tokens: int, hidden: int, ffn
   from dsv3_jax.parallel import dispatch
   from dsv3_jax.parallel.mesh import make_mesh
   from dsv3_jax.train.step import make_train_step
+  from experiments._scale_layout import collectives_by_axis
 
   t_start = time.perf_counter()
   rss = {"imported": _rss_mib()}
+  from dsv3_jax.train import zero1 as zero1_lib
+
   n = nodes * gpus
-  cfg = ModelConfig(hidden_size=hidden, moe_intermediate_size=ffn, n_routed_experts=n,
-                    n_group=nodes, topk_group=min(topk_group, nodes), num_experts_per_tok=top_k,
+  ep_nodes = ep_nodes or nodes
+  cfg = ModelConfig(hidden_size=hidden, moe_intermediate_size=ffn,
+                    n_routed_experts=ep_nodes * gpus, n_group=ep_nodes,
+                    topk_group=min(topk_group, ep_nodes), num_experts_per_tok=top_k,
                     n_shared_experts=1, dispatch=schedule,
                     capacity_factor=capacity_factor).validate()
-  mesh = make_mesh(nodes, gpus, devices=launch.cluster_devices(n))
-  axes = ("node", "gpu")
+  mesh = make_mesh(nodes, gpus, ep_nodes if ep_nodes < nodes else None,
+                   devices=launch.cluster_devices(n))
+  axes = tuple(mesh.axis_names)
   # The layer's structure without running its initialisers (which would compile a few dozen
   # small XLA programs, ~125 MB of resident memory in each of the 32 processes); the values are
   # drawn below with numpy, identically on every process.
@@ -163,14 +180,18 @@ def moe_step(nodes: int, gpus: int, schedule: str, tokens: int, hidden: int, ffn
     per_device = jnp.sum(jnp.square(y.astype(jnp.float32)))
     return per_device / (n * tokens), ({"loss": per_device / tokens}, [st])
 
-  optimizer = optax.sgd(lr)
-  opt_state = optimizer.init(params)  # plain SGD: no arrays
+  optimizer = optax.adam(lr / 100) if zero1 else optax.sgd(lr)
+  opt_state = jax.tree.map(np.asarray, optimizer.init(params))  # plain SGD: no arrays
+  # Adam's moments: partitioned per parameter (zero1.leaf_plan); the step count replicated.
+  s_specs = optax.tree_map_params(
+      optimizer, lambda x, spec: zero1_lib.leaf_plan(x.shape, spec, mesh).state_spec,
+      opt_state, p_specs, transform_non_params=lambda _: P())
   sharding = lambda spec: NamedSharding(mesh, spec)
   shardings = lambda tree, specs: jax.tree.map(lambda _, s: sharding(s), tree, specs)
   step = make_train_step(
       graphdef, optimizer, loss_fn, bias_update_speed=gamma, mesh=mesh,
       param_shardings=shardings(params, p_specs), other_shardings=shardings(other, o_specs),
-      opt_shardings=jax.tree.map(lambda _: sharding(P()), opt_state), grad_sum="per_axis")
+      opt_shardings=shardings(opt_state, s_specs), grad_sum="per_axis", zero1=zero1)
 
   x_host = rng.standard_normal((n, tokens, hidden)).astype(np.float32)
   if execute:
@@ -180,6 +201,7 @@ def moe_step(nodes: int, gpus: int, schedule: str, tokens: int, hidden: int, ffn
     place = lambda a, spec: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding(spec))
   params_g = jax.tree.map(place, params, p_specs)
   other_g = jax.tree.map(place, other, o_specs)
+  opt_state = jax.tree.map(place, opt_state, s_specs)
   x_g = place(x_host, x_spec)
   del layer, params, other, x_host
   rss["model"] = _rss_mib()
@@ -210,6 +232,8 @@ def moe_step(nodes: int, gpus: int, schedule: str, tokens: int, hidden: int, ffn
     t_compile = time.perf_counter() - t0
     rss["compiled"] = _rss_mib()
   out = dict(devices=n, nodes=nodes, gpus=gpus, schedule=schedule, capacity=list(capacity),
+             opt_state_bytes_per_device=max(zero1_lib.bytes_per_device(opt_state).values(),
+                                            default=0) if execute else None,
              process_index=jax.process_index(), process_count=jax.process_count(),
              local_devices=n // jax.process_count(), lower_s=t_lower, compile_s=t_compile,
              setup_s=t0 - t_start, row_bytes=dispatch.payload_bytes_per_row(None, hidden,
@@ -228,6 +252,9 @@ def moe_step(nodes: int, gpus: int, schedule: str, tokens: int, hidden: int, ffn
     out["stablehlo"] = hlo.summarize(shlo)
     out["group_sizes"] = list(hlo.group_sizes(colls, n))
     out["max_group"] = max((c.group_size for c in colls), default=1)
+    out["axes"] = collectives_by_axis(colls, mesh)
+    cost = compiled.cost_analysis()
+    out["flops"] = float((cost[0] if isinstance(cost, list) else cost).get("flops", 0.0))
   lowered = lowered_text = None
   jax.clear_caches()  # tracing caches; the executable lives on in `compiled`
   gc.collect()
@@ -273,22 +300,39 @@ def moe_step(nodes: int, gpus: int, schedule: str, tokens: int, hidden: int, ffn
 # --------------------------------------------------------------------------- driver side
 
 
-def _group_sizes(schedule: str, n: int) -> tuple[int, ...]:
-  """Replica-group sizes of the measured program (checked against its compiled HLO)."""
+def _group_sizes(schedule: str, n: int, ep_nodes: int | None = None) -> tuple[int, ...]:
+  """Replica-group sizes of the measured program (checked against its compiled HLO): one per
+  distinct partition; with EP groups of `ep_nodes` nodes, the `replica`, `node` and `gpu`
+  axes (and flat's (`node`, `gpu`) all-to-all)."""
   nodes = n // GPUS_PER_NODE
+  if ep_nodes and ep_nodes < nodes:
+    sizes = [nodes // ep_nodes, ep_nodes, GPUS_PER_NODE]
+    sizes += [ep_nodes * GPUS_PER_NODE] if schedule == "flat" else []
+    return tuple(sorted((s for s in sizes if s > 1), reverse=True))
   sizes = [nodes, GPUS_PER_NODE] if schedule == "two_hop" else [n, nodes, GPUS_PER_NODE]
   return tuple(sorted({s for s in sizes if s > 1}, reverse=True))
 
 
+def _variant(ep_nodes: int | None, zero1: bool, nodes: int) -> dict:
+  """The csv key columns of a layout: layout ('' = one EP group over every device, the rows
+  measured before layouts existed) and optimizer."""
+  layout = (_scale_layout.layout_label(ep_nodes, nodes, GPUS_PER_NODE)
+            if ep_nodes and ep_nodes < nodes else "")
+  return dict(layout=layout, optimizer="Adam, ZeRO-1" if zero1 else "SGD")
+
+
 def measure(n: int, schedule: str, *, steps: int, max_processes: int, timeout_s: float,
             processes: int | None = None, compile_only: str = "", echo: bool = True,
-            spare_devices: int = 64, log=print) -> tuple[dict, list[dict]]:
+            spare_devices: int = 64, log=print, ep_nodes: int | None = None,
+            zero1: bool = False) -> tuple[dict, list[dict]]:
   """Runs (or, when it cannot run here, compiles) one configuration.
 
   Args:
     compile_only: a reason to compile without executing ("" = execute when it fits).
     spare_devices: unused devices each process of a multi-process run emulates, for thread
       headroom (`launch.launch`); capped so that a process holds at most 256.
+    ep_nodes, zero1: the layout and optimizer (`moe_step`); with EP groups smaller than the
+      cluster, one EP group per process (processes = replicas) unless `processes` is given.
 
   Returns:
     (run row for the csv, hlo rows for the csv).
@@ -296,13 +340,21 @@ def measure(n: int, schedule: str, *, steps: int, max_processes: int, timeout_s:
   from dsv3_jax.cluster import launch
 
   nodes = n // GPUS_PER_NODE
-  groups = _group_sizes(schedule, n)
+  groups = _group_sizes(schedule, n, ep_nodes)
+  variant = _variant(ep_nodes, zero1, nodes)
   kwargs = dict(nodes=nodes, gpus=GPUS_PER_NODE, schedule=schedule, steps=steps, **SHAPES)
+  if variant["layout"]:
+    kwargs.update(ep_nodes=ep_nodes)
+    processes = processes or nodes // ep_nodes
+  if zero1:
+    kwargs.update(zero1=True)
   row = dict(table="run", devices=n, nodes=nodes, gpus=GPUS_PER_NODE, schedule=schedule,
-             **{k: v for k, v in SHAPES.items()}, measured_at=time.strftime("%Y-%m-%d %H:%M"))
+             **variant, **{k: v for k, v in SHAPES.items()},
+             measured_at=time.strftime("%Y-%m-%d %H:%M"))
   reason = compile_only
   try:
     p = processes or launch.min_processes(n, groups)
+    launch.check_layout(n, p, groups)
     if p > max_processes and not reason:
       layout = launch.Layout(n, p, groups)
       reason = (f"needs >= {p} processes of {layout.local_devices} devices (gloo: "
@@ -356,9 +408,20 @@ def measure(n: int, schedule: str, *, steps: int, max_processes: int, timeout_s:
     raise RuntimeError(f"[{n} {schedule}] compiled program's collective groups "
                        f"{res['group_sizes']} differ from the assumed {list(groups)}")
   hlo_rows = []
-  for source in ("hlo", "stablehlo"):
-    for h in res.get(source, []):
-      hlo_rows.append(dict(table="hlo", devices=n, schedule=schedule, **h))
+  if variant["layout"]:  # the collectives by mesh axis, with their H800 time
+    for a in res.get("axes", []):
+      hlo_rows.append(dict(table="axes", devices=n, schedule=schedule, **variant, **a,
+                           h800_s=_scale_layout.collective_seconds(a, GPUS_PER_NODE)))
+    est = _scale_layout.h800_estimate(res.get("axes", []), res.get("flops", 0.0),
+                                      GPUS_PER_NODE)
+    row.update(opt_state_bytes_per_device=res.get("opt_state_bytes_per_device"),
+               flops=res.get("flops"), h800_step_s=est["step_s"],
+               h800_nvlink_s=est["nvlink_s"], h800_ib_s=est["ib_s"],
+               h800_compute_s=est["compute_s"], collective_calls=est["calls"])
+  else:
+    for source in ("hlo", "stablehlo"):
+      for h in res.get(source, []):
+        hlo_rows.append(dict(table="hlo", devices=n, schedule=schedule, **h))
   log(f"[{n} {schedule}] " + json.dumps({k: row.get(k) for k in (
       "executed", "processes", "compile_s", "first_step_s", "step_s", "peak_rss_sum_bytes",
       "wall_s")}))
@@ -387,14 +450,21 @@ def _num(v):
   return int(f) if f == int(f) and "." not in str(v) else f
 
 
+def _key(r: dict) -> tuple:
+  """A row's configuration: devices, schedule, layout and optimizer (rows written before the
+  layouts existed: one EP group, SGD)."""
+  return (str(r["devices"]), r["schedule"], r.get("layout") or "",
+          r.get("optimizer") or "SGD")
+
+
 def _merge(old: list[dict], new_runs: list[dict], new_hlo: list[dict]) -> list[dict]:
-  """Replaces the rows of each newly measured (devices, schedule) and keeps the others."""
-  keys = {(str(r["devices"]), r["schedule"]) for r in new_runs}
-  kept = [r for r in old if (str(r["devices"]), r["schedule"]) not in keys]
+  """Replaces the rows of each newly measured configuration (`_key`) and keeps the others."""
+  keys = {_key(r) for r in new_runs}
+  kept = [r for r in old if _key(r) not in keys]
   rows = kept + new_runs + new_hlo
-  order = {"run": 0, "hlo": 1}
+  order = {"run": 0, "hlo": 1, "axes": 2}
   return sorted(rows, key=lambda r: (order[r["table"]], int(r["devices"]),
-                                     SCHEDULES.index(r["schedule"])))
+                                     SCHEDULES.index(r["schedule"]), _key(r)[2:]))
 
 
 def _gb(v) -> str:
@@ -436,7 +506,8 @@ def render(rows: list[dict], script: str = f"{NAME}.py") -> None:
   from experiments import _report as R
   import matplotlib.pyplot as plt
 
-  runs = [r for r in rows if r["table"] == "run"]
+  layout_runs = [r for r in rows if r["table"] == "run" and r.get("layout")]
+  runs = [r for r in rows if r["table"] == "run" and not r.get("layout")]
   hlos = [r for r in rows if r["table"] == "hlo"]
   sections = []
   head = next((r for r in runs if int(r["devices"]) == 2048 and r["schedule"] == "two_hop"
@@ -531,6 +602,9 @@ def render(rows: list[dict], script: str = f"{NAME}.py") -> None:
         "machine, so step times measure the emulation (gloo message rate), not a network.",
         "", "Regenerate the table: `flock /tmp/dsv3_heavy.lock .venv/bin/python "
         f"experiments/{script} --table`."]))
+  if layout_runs:
+    sections.append(_scale_layout.render_section(
+        layout_runs, [r for r in rows if r["table"] == "axes"], script))
   sections.append(shapes)
   sections.append(
       "Faithfulness: the mesh keeps explicit `node` = 256 and `gpu` = 8 axes and every "
@@ -584,6 +658,11 @@ def main(argv=None) -> None:
   ap.add_argument("--compile-only", default="", metavar="REASON",
                   help="compile without executing (one process), recording REASON")
   ap.add_argument("--no-write", action="store_true", help="print only")
+  ap.add_argument("--ep-nodes", type=int, default=None,
+                  help="nodes per expert-parallel group (DeepSeek-V3: 8, EP64), data parallel "
+                  "across groups, one group per process (default: one group over every node)")
+  ap.add_argument("--zero1", action="store_true",
+                  help="Adam with ZeRO-1 partitioned moments instead of SGD")
   a = ap.parse_args(argv)
   devices = (tuple(int(v) for v in a.devices.split(",")) if a.devices else
              DEVICE_COUNTS if a.table else (2048,))
@@ -596,6 +675,9 @@ def main(argv=None) -> None:
     if n % GPUS_PER_NODE or n < GPUS_PER_NODE:
       raise ValueError(f"--devices: {n} is not a positive multiple of {GPUS_PER_NODE} "
                        "(gpus per node)")
+    if a.ep_nodes is not None and (a.ep_nodes < 1 or (n // GPUS_PER_NODE) % a.ep_nodes):
+      raise ValueError(f"--ep-nodes={a.ep_nodes} must be a positive divisor of the "
+                       f"{n // GPUS_PER_NODE} nodes of --devices {n}")
   from dsv3_jax.cluster import launch
 
   t0 = time.time()
@@ -603,10 +685,11 @@ def main(argv=None) -> None:
   for n in devices:
     for s in schedules:
       r, h = measure(n, s, steps=a.steps, max_processes=a.max_processes, timeout_s=a.timeout,
-                     spare_devices=a.spare_devices, compile_only=a.compile_only)
+                     spare_devices=a.spare_devices, compile_only=a.compile_only,
+                     ep_nodes=a.ep_nodes, zero1=a.zero1)
       runs.append(r)
       hlos.extend(h)
-  if not a.table and devices == (2048,) and "flat" not in schedules:
+  if not a.table and devices == (2048,) and "flat" not in schedules and a.ep_nodes is None:
     # The flat program's collectives at 2048 (it cannot execute here): compile only.
     nproc = launch.min_processes(2048, _group_sizes("flat", 2048))
     layout = launch.Layout(2048, nproc, _group_sizes("flat", 2048))
