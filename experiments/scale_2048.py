@@ -5,9 +5,9 @@ Writes results/scale_2048.{md,csv,png}.
     .venv/bin/python experiments/scale_2048.py            # 2048 devices, two_hop (and flat,
                                                           # compile-only): the compiled-HLO
                                                           # collective tables
-    .venv/bin/python experiments/scale_2048.py --max-processes 32   # also try to execute the
-                                                          # 2048-device step (32 x 64; hangs
-                                                          # on this 2-core machine)
+    .venv/bin/python experiments/scale_2048.py --max-processes 32 --steps 2 --timeout 1800
+                                                          # also execute the 2048-device step
+                                                          # (32 x 64: ~30 min, ~25 GiB, alone)
     .venv/bin/python experiments/scale_2048.py --table    # the device-count table (8 .. 2048,
                                                           # both schedules)
     .venv/bin/python experiments/scale_2048.py --devices 512 --ep-nodes 8 [--zero1]
@@ -324,7 +324,7 @@ def _variant(ep_nodes: int | None, zero1: bool, nodes: int) -> dict:
 def measure(n: int, schedule: str, *, steps: int, max_processes: int, timeout_s: float,
             processes: int | None = None, compile_only: str = "", echo: bool = True,
             spare_devices: int = 64, log=print, ep_nodes: int | None = None,
-            zero1: bool = False) -> tuple[dict, list[dict]]:
+            zero1: bool = False, from_launch: str = "") -> tuple[dict, list[dict]]:
   """Runs (or, when it cannot run here, compiles) one configuration.
 
   Args:
@@ -333,6 +333,9 @@ def measure(n: int, schedule: str, *, steps: int, max_processes: int, timeout_s:
       headroom (`launch.launch`); capped so that a process holds at most 256.
     ep_nodes, zero1: the layout and optimizer (`moe_step`); with EP groups smaller than the
       cluster, one EP group per process (processes = replicas) unless `processes` is given.
+    from_launch: the log directory of an earlier, finished launch of this same configuration
+      (`launch.read_results`): its workers' results are used instead of running again (a run
+      whose script died afterwards); the launcher's RSS samples are then not available.
 
   Returns:
     (run row for the csv, hlo rows for the csv).
@@ -376,11 +379,23 @@ def measure(n: int, schedule: str, *, steps: int, max_processes: int, timeout_s:
     # Multi-process: single-threaded Eigen inside each device's program, so that a device's
     # kernels do not fan out over the process's shared pool while other devices block in
     # collectives (see `launch.launch`'s spare_devices). The table's multi-process rows were
-    # measured with both settings; neither cures the 32-process hang at 2048 devices.
+    # measured with both settings; neither cured the 32-process hang at 2048 devices (the
+    # communicator warm-up did).
     env = {"XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") +
                          " --xla_cpu_multi_thread_eigen=false").strip()} if p > 1 else None
-    r = launch.launch(f"experiments.{NAME}:moe_step", n, p, kwargs, group_sizes=groups,
-                      timeout_s=timeout_s, echo=echo, spare_devices=spare, env=env)
+    if from_launch:
+      r = launch.read_results(from_launch, groups)
+      got = {k: r.results[0].get(k) for k in ("devices", "schedule")}
+      if got != dict(devices=n, schedule=schedule) or len(r.results) != p:
+        raise ValueError(f"--from-launch {from_launch}: holds {got} on {len(r.results)} "
+                         f"processes, not devices={n}, schedule={schedule!r} on {p}")
+      log(f"[{n} {schedule}] results read back from {from_launch}")
+      row["measured_at"] = time.strftime(
+          "%Y-%m-%d %H:%M", time.localtime(os.path.getmtime(
+              os.path.join(from_launch, "result_0.json"))))
+    else:
+      r = launch.launch(f"experiments.{NAME}:moe_step", n, p, kwargs, group_sizes=groups,
+                        timeout_s=timeout_s, echo=echo, spare_devices=spare, env=env)
     res = r.results[0]
     steady = res["step_s"][1:] or res["step_s"]
     row.update(executed="yes", reason="", processes=p, local_devices=n // p,
@@ -390,7 +405,7 @@ def measure(n: int, schedule: str, *, steps: int, max_processes: int, timeout_s:
                warm_up_s="/".join(f"{k}={v:.1f}" for k, v in res.get("warm_up_s", {}).items()),
                first_step_s=res["step_s"][0], step_s=statistics.median(steady),
                steps=len(res["step_s"]), peak_rss_sum_bytes=sum(r.peak_rss),
-               peak_rss_sampled_bytes=r.peak_rss_total,
+               peak_rss_sampled_bytes="" if from_launch else r.peak_rss_total,
                peak_rss_max_process_bytes=max(r.peak_rss), wall_s=r.wall_s,
                loss_first=res["loss"][0], loss_last=res["loss"][-1],
                dropped=res["dropped"], needed_capacity="/".join(map(str,
@@ -475,30 +490,13 @@ def _s(v, d=2) -> str:
   return "—" if v in ("", None) else f"{float(v):,.{d}f}"
 
 
-# What the 32-process execution at 2048 devices did on this machine (jax 0.10.2, 2 cores,
-# 24 GiB), observed in five attempts on 2026-11-29/30 with `experiments/scale_2048.py`. Shown in
-# the results while no executed 2048-device row exists.
-NOT_EXECUTED_2048 = """## The 2048-device run: not completed here
+# Shown while the csv holds no executed 2048-device two_hop row.
+NOT_EXECUTED_2048 = """## The 2048-device run: not executed yet
 
-Executing the two_hop step on 256 x 8 devices needs at least 32 processes of 64 devices (gloo's
-sockets against the 20000 open-file limit, `launch.min_processes`). The launcher starts them,
-process 0 compiles the step (33-37 s) and the others load its executable, every process builds
-its gloo communicators for the 256-member `node` groups and for the 8-member `gpu` groups, and
-then the first step hangs: all CPU goes idle and no process makes progress until the launcher's
-timeout kills the job (14 min). A stack dump (gdb) of a hung process shows half of its 64
-device programs inside `xla::cpu::GlooCommunicator::AllReduce` waiting to receive, the other
-half not running at all, and no thread in XLA's compute; the processes are not out of memory
-(17 of 24 GiB). Tried without effect: single-threaded Eigen kernels
-(`--xla_cpu_multi_thread_eigen=false`) and 64 spare emulated devices per process (twice the
-thread pools; `launch(..., spare_devices=64)`). The same launcher and step execute on 2 x 256
-(512 devices, two_hop), 16 x 32 (512, flat: a 512-member all-to-all) and 8 x 128 (1024,
-two_hop) processes x devices, and in one process up to 256 devices (table below), so the hang is
-specific to the 32-process layout that 2048 devices require here; its cause inside XLA:CPU's
-gloo collectives is not identified. These attempts ran this script's earlier, hand-written
-step; the library's step measured now compiles to the same all-to-alls and the same per-axis
-all-reduce groups (one more f32[hidden] operand, the norm's gradient, and one more scalar per
-axis, the gradient norm) and was not re-attempted at 32 processes. The compiled 2048-device
-programs and their collectives (compile-only, one process) are below."""
+Run `.venv/bin/python experiments/scale_2048.py --devices 2048 --schedules two_hop
+--max-processes 32 --steps 2 --timeout 1800` on an otherwise idle machine (32 processes x 64
+devices, ~30 min, ~25 GiB). The compiled 2048-device programs (compile-only, one process) are
+below."""
 
 
 def render(rows: list[dict], script: str = f"{NAME}.py") -> None:
@@ -530,15 +528,26 @@ def render(rows: list[dict], script: str = f"{NAME}.py") -> None:
           _s(float(head["buffer_rows_intra_node"]) * rb, 0)]])
     sections.append("\n".join([
         "## The 2048-device run: two_hop on a (node = 256, gpu = 8) mesh", "",
-        f"Command: `flock /tmp/dsv3_heavy.lock .venv/bin/python experiments/{script}` "
-        f"(measured {head['measured_at']}).", "",
+        f"Command: `.venv/bin/python experiments/{script} --devices 2048 --schedules two_hop "
+        f"--max-processes 32 --steps 2 --timeout 1800` on an otherwise idle machine (measured "
+        f"{head['measured_at']}; ~30 min, ~25 GiB: nothing else can run beside it).", "",
+        "It hung in earlier attempts: XLA:CPU creates each gloo communicator lazily inside the "
+        "first collective over its device group and gloo waits only ~30 s for the group's "
+        "other members; the 256-member `node` groups take minutes to connect, so the members "
+        "of a small group reached their first all-reduce minutes apart and blocked. The step "
+        "now runs after `launch.warm_up_collectives` (one tiny psum per mesh axis, minor axis "
+        "first, each behind a cross-process barrier), and the launcher's collective timeout "
+        "turns any future hang into an error (tests/cluster/test_collective_warmup.py "
+        "reproduces the hang with one member 40 s late).", "",
         R.md_table(["", "value"], [
             ["processes x devices", f"{head['processes']} x {head['local_devices']}"],
             ["compile (process 0; others load its executable), s", _s(head["compile_s"])],
             ["lowering (tracing), s", _s(head["lower_s"])],
-            ["first step (includes gloo connection setup), s", _s(head["first_step_s"])],
+            ["gloo communicators created up front, per axis (warm-up), s",
+             head.get("warm_up_s") or "—"],
+            ["first step, s", _s(head["first_step_s"])],
             [f"step, median of steps 2..{head['steps']}, s", _s(head["step_s"])],
-            ["whole job wall clock (spawn to exit), s", _s(head["wall_s"], 1)],
+            ["whole job wall clock (spawn to exit; a row read back with --from-launch: the longest process), s", _s(head["wall_s"], 1)],
             ["peak RSS summed over processes (sum of each process's peak), GiB",
              _gb(head["peak_rss_sum_bytes"])],
             ["peak of the sampled concurrent RSS sum, GiB", _gb(head["peak_rss_sampled_bytes"])],
@@ -650,8 +659,7 @@ def main(argv=None) -> None:
   ap.add_argument("--steps", type=int, default=3)
   ap.add_argument("--max-processes", type=int, default=16,
                   help="largest process count to execute (more are compiled only); the "
-                  "2048-device two_hop run needs 32, which hangs on this machine (see "
-                  "results/scale_2048.md)")
+                  "2048-device two_hop run needs 32 (~30 min and ~25 GiB here)")
   ap.add_argument("--timeout", type=float, default=840.0, help="seconds per configuration")
   ap.add_argument("--spare-devices", type=int, default=64,
                   help="unused devices per process of a multi-process run (thread headroom)")
@@ -663,6 +671,9 @@ def main(argv=None) -> None:
                   "across groups, one group per process (default: one group over every node)")
   ap.add_argument("--zero1", action="store_true",
                   help="Adam with ZeRO-1 partitioned moments instead of SGD")
+  ap.add_argument("--from-launch", default="", metavar="DIR",
+                  help="build the row of the one --devices/--schedules configuration from a "
+                  "finished launch's log directory instead of running it again")
   a = ap.parse_args(argv)
   devices = (tuple(int(v) for v in a.devices.split(",")) if a.devices else
              DEVICE_COUNTS if a.table else (2048,))
@@ -678,36 +689,43 @@ def main(argv=None) -> None:
     if a.ep_nodes is not None and (a.ep_nodes < 1 or (n // GPUS_PER_NODE) % a.ep_nodes):
       raise ValueError(f"--ep-nodes={a.ep_nodes} must be a positive divisor of the "
                        f"{n // GPUS_PER_NODE} nodes of --devices {n}")
+  if a.from_launch and (len(devices) != 1 or len(schedules) != 1 or a.table):
+    raise ValueError("--from-launch reads back one configuration: give one --devices and one "
+                     "--schedules value (and no --table)")
   from dsv3_jax.cluster import launch
+  from experiments import _report as R
+
+  def save(row, hlo_rows):
+    # Each configuration is written as soon as it is measured, so a later one failing (or a
+    # timeout) never loses an earlier, expensive row.
+    if a.no_write:
+      return
+    rows = _merge(_read_csv(R.path(NAME, "csv")), [row], hlo_rows)
+    R.write_csv(NAME, rows)
+    render(rows)
+    print(f"wrote results/{NAME}.md, .csv, .png")
 
   t0 = time.time()
-  runs, hlos = [], []
   for n in devices:
     for s in schedules:
-      r, h = measure(n, s, steps=a.steps, max_processes=a.max_processes, timeout_s=a.timeout,
-                     spare_devices=a.spare_devices, compile_only=a.compile_only,
-                     ep_nodes=a.ep_nodes, zero1=a.zero1)
-      runs.append(r)
-      hlos.extend(h)
-  if not a.table and devices == (2048,) and "flat" not in schedules and a.ep_nodes is None:
-    # The flat program's collectives at 2048 (it cannot execute here): compile only.
+      save(*measure(n, s, steps=a.steps, max_processes=a.max_processes, timeout_s=a.timeout,
+                    spare_devices=a.spare_devices, compile_only=a.compile_only,
+                    ep_nodes=a.ep_nodes, zero1=a.zero1, from_launch=a.from_launch))
+  if (not a.table and devices == (2048,) and "flat" not in schedules and a.ep_nodes is None
+      and not a.from_launch):
+    # The flat program's collectives at 2048 (it cannot execute here): compile only. Its
+    # compile takes 330 s on an idle machine, several times that under load: a failure here is
+    # reported and the rows already written stay.
     nproc = launch.min_processes(2048, _group_sizes("flat", 2048))
     layout = launch.Layout(2048, nproc, _group_sizes("flat", 2048))
     why = (f"needs >= {nproc} processes of {layout.local_devices} devices (gloo: "
            f"{layout.open_files} open files each, limit {launch.open_file_limit()})")
-    r, h = measure(2048, "flat", steps=a.steps, max_processes=a.max_processes,
-                   timeout_s=a.timeout, compile_only=why)
-    runs.append(r)
-    hlos.extend(h)
+    try:
+      save(*measure(2048, "flat", steps=a.steps, max_processes=a.max_processes,
+                    timeout_s=a.timeout, compile_only=why))
+    except launch.LaunchError as e:
+      print(f"[2048 flat] compile-only run failed, its earlier row is kept: {e}")
   print(f"total wall clock: {time.time() - t0:.1f} s")
-  if a.no_write:
-    return
-  from experiments import _report as R
-
-  rows = _merge(_read_csv(R.path(NAME, "csv")), runs, hlos)
-  R.write_csv(NAME, rows)
-  render(rows)
-  print(f"wrote results/{NAME}.md, .csv, .png")
 
 
 if __name__ == "__main__":

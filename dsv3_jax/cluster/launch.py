@@ -482,13 +482,50 @@ def launch(target: str, n_devices: int, processes: int, kwargs: Optional[dict] =
       log.close()
     for sig, handler in previous.items():
       signal.signal(sig, handler)
-  results, rss = [], []
+  results, rss, _ = _read_result_files(log_dir, processes)
+  rss = [max(x, peak_each[i]) for i, x in enumerate(rss)]
+  return LaunchResult(results, rss, int(peak_total), wall, log_dir, layout, trace)
+
+
+def _read_result_files(log_dir: str, processes: int) -> tuple[list, list, list]:
+  """(return values, peak RSS bytes, wall seconds) from result_<i>.json of every process."""
+  results, rss, walls = [], [], []
   for i in range(processes):
     with open(os.path.join(log_dir, f"result_{i}.json")) as f:
       r = json.load(f)
     results.append(r["result"])
-    rss.append(max(int(r["peak_rss"]), peak_each[i]))
-  return LaunchResult(results, rss, int(peak_total), wall, log_dir, layout, trace)
+    rss.append(int(r["peak_rss"]))
+    walls.append(float(r["wall_s"]))
+  return results, rss, walls
+
+
+def read_results(log_dir: str, group_sizes: Sequence[int] = ()) -> LaunchResult:
+  """The `LaunchResult` of a finished launch, read back from its log directory.
+
+  For a job whose workers all finished (every result_<i>.json written) but whose caller died
+  before using the result (e.g. a later step of the same experiment failed): the directory
+  `launch` printed or `LaunchResult.log_dir`. The launcher's own samples are gone, so
+  `peak_rss` is each worker's getrusage peak, `peak_rss_total` their sum (an upper bound on
+  the concurrent total), `wall_s` the longest worker's wall time (import to exit, without the
+  spawn) and `rss_trace` empty.
+
+  Args:
+    log_dir: the launch's directory (holds process_<i>.log and result_<i>.json).
+    group_sizes: the job's collective group sizes, for the returned `layout`.
+
+  Raises:
+    FileNotFoundError: no result_0.json there, or a process's result missing (that process did
+      not finish: nothing to read back).
+  """
+  files = [f for f in os.listdir(log_dir)
+           if f.startswith("result_") and f.endswith(".json") and f[7:-5].isdigit()]
+  if "result_0.json" not in files:
+    raise FileNotFoundError(f"read_results: no result_0.json in {log_dir}")
+  processes = len(files)
+  results, rss, walls = _read_result_files(log_dir, processes)
+  n = sum(int(r.get("local_devices", 0)) for r in results if isinstance(r, dict))
+  layout = Layout(n, processes, tuple(group_sizes)) if n else None  # None: not recorded
+  return LaunchResult(results, rss, int(sum(rss)), max(walls), log_dir, layout, [])
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -548,8 +585,8 @@ def warm_up_collectives(mesh, timeout_s: float = 600.0, axes: Optional[Sequence]
   error above); 25 s late runs; 40 s late after this warm-up runs (the step waits 40 s; the
   warm-up took 0.02 s per axis). With a whole process 40 s late, its peer fails after 30 s
   with the same error. At 2048 devices with the warm-up, the two_hop MoE step executed:
-  communicators 6.6 s (`gpu`) + 204 s (`node`), steps 428 s and 363 s (issue 13;
-  tests/cluster/test_collective_warmup.py). Once created, a communicator is reused by every
+  communicators 8.4 s (`gpu`) + 401 s (`node`), steps 609 s and 565 s (32 processes x 64;
+  results/scale_2048.md; tests/cluster/test_collective_warmup.py). Once created, a communicator is reused by every
   collective kind (psum, all_gather, all_to_all, ...) over the same device group, so later
   skew between members only costs waiting, bounded by the launcher's collective timeout
   (`launch(..., collective_timeout_s=...)`).

@@ -104,6 +104,29 @@ def test_two_processes_run_two_hop_dispatch_equal_to_dense_reference(tmp_path):
     assert x["dropped"] == 0.0
   assert len(r.peak_rss) == 2 and all(b > 0 for b in r.peak_rss)
   assert 0 < r.peak_rss_total <= sum(r.peak_rss)
+  # The same results read back from the finished launch's directory (a caller that died
+  # after the run): the workers' own peaks, never above what the launcher recorded.
+  back = launch.read_results(str(tmp_path), (2, 4))
+  assert back.results == r.results
+  assert all(0 < b <= a for a, b in zip(r.peak_rss, back.peak_rss))
+  assert back.peak_rss_total == sum(back.peak_rss) and back.rss_trace == []
+  assert 0 < back.wall_s <= r.wall_s
+
+
+def test_read_results_needs_every_finished_process(tmp_path):
+  with pytest.raises(FileNotFoundError, match="no result_0.json"):
+    launch.read_results(str(tmp_path))
+  (tmp_path / "result_0.json").write_text(
+      '{"result": {"x": 1}, "peak_rss": 10, "process_id": 0, "wall_s": 2.0}')
+  (tmp_path / "result_2.json").write_text(
+      '{"result": {"x": 3}, "peak_rss": 30, "process_id": 2, "wall_s": 3.0}')
+  with pytest.raises(FileNotFoundError):  # process 1 never finished
+    launch.read_results(str(tmp_path))
+  (tmp_path / "result_1.json").write_text(
+      '{"result": {"x": 2}, "peak_rss": 20, "process_id": 1, "wall_s": 1.0}')
+  back = launch.read_results(str(tmp_path))
+  assert [x["x"] for x in back.results] == [1, 2, 3]
+  assert (back.peak_rss, back.peak_rss_total, back.wall_s) == ([10, 20, 30], 60, 3.0)
 
 
 def _alive(pids):
