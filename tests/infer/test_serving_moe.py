@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dsv3_jax.infer.moe import local_moe
+from dsv3_jax.infer.moe import local_moe, sorted_capacity_compute
 from dsv3_jax.model.config import ModelConfig
 from dsv3_jax.model.experts import capacity_expert_compute, expert_compute
 from dsv3_jax.model.moe import DeepSeekMoE
@@ -42,6 +42,21 @@ def test_capacity_kernel_is_dropless_and_equals_the_per_row_reference():
       expert_compute(r, e, *w, window=4, tail_window=None)))
   for got in both(rows, expert, *w):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_sorted_capacity_kernel_is_dropless_and_equals_the_per_row_reference():
+  w = _weights()
+  tokens = jax.random.normal(jax.random.key(1), (12, 32))
+  # expert 3 is chosen by 9 tokens (spills over any capacity < 9), two tokens are not routed
+  idx = jnp.array([[3, 0], [3, 1], [3, 2], [3, 4], [3, 5], [3, 6], [3, 7], [3, 0], [3, 1],
+                   [-1, -1], [2, 5], [-1, -1]], jnp.int32)
+  want = _dense(np.repeat(np.asarray(tokens), 2, axis=0), np.asarray(idx).reshape(-1),
+                *map(np.asarray, w)).reshape(12, 2, 32)
+  both = jax.jit(lambda x, i, *w: (sorted_capacity_compute(x, i, *w, capacity=2, window=4),
+                                   sorted_capacity_compute(x, i, *w, capacity=16, window=4)))
+  for got in both(tokens, idx, *w):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  assert np.all(np.asarray(both(tokens, idx, *w)[0])[[9, 11]] == 0)
 
 
 @pytest.mark.parametrize("shape", [(16, 1), (2, 40)])  # capacity kernel, grouped kernel
