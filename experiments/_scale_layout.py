@@ -153,7 +153,10 @@ def render_section(runs: list[dict], axis_rows: list[dict], script: str) -> str:
                   "H800 estimate (µs)", "collective groups", "not executed because"], table),
       "", "Optimizer state per device: measured from the arrays (`zero1.bytes_per_device`). "
       "H800 estimate: `_scale_layout.h800_estimate`, from the compiled collectives below "
-      "(no overlap; at these tiny dims every collective is latency-bound).",
+      "(no overlap; at these tiny dims every collective is latency-bound, so ZeRO-1's "
+      "per-leaf reduce-scatters and all-gathers, which XLA does not combine, double it). "
+      "Emulated step times are gloo on this machine's 2 shared cores (other jobs ran beside "
+      "these runs), not a network.",
       "", f"Regenerate: `flock /tmp/dsv3_heavy.lock .venv/bin/python experiments/{script} "
       "--devices 512 --ep-nodes 8 [--zero1]` (and 1024; 2048 with `--max-processes 32`)."]
   for r in runs:
