@@ -1,117 +1,306 @@
-"""Peak resident memory and step-time outliers of the main job (configs/orion_4x8.py, the 4 x 8
-emulated mesh), from a short `dsv3-train` run in a child process (issue 12).
+"""Where the main job's resident memory goes, and its step-time outliers (issue 12).
 
-The run trains `--steps` steps with an evaluation and a checkpoint every `--every` steps in a
-temporary workdir (never runs/orion_4x8). Reported: the child's peak resident set size
-(`getrusage(RUSAGE_CHILDREN).ru_maxrss`), the per-device bytes of the compiled train and eval
-steps (XLA's memory analysis: arguments, temporaries) times the 32 devices, and from the run's
-summary.json the median train step, the slowest train step / median, the slowest whole loop
-iteration (step + evaluation + checks + checkpoint save) / median, the median evaluation and
-checkpoint save (blocking part). Writes results/train_memory.md.
+The main job is configs/orion_4x8.py: the tiny DeepSeek-V3 on the 4 x 8 emulated mesh, i.e.
+32 CPU devices that are all slices of one process's memory. Two measurements, in child
+processes so that nothing is shared between them:
 
-    python experiments/train_memory.py [--steps 12] [--every 4]
+1. The accounting, once per setting: the train state's bytes on the devices (a replicated leaf
+   counts once per device), the host data, and XLA's memory analysis of every program the loop
+   runs (train step, eval step, replica checksums): per-device argument, output, aliased
+   (donated) and temporary bytes, times the devices.
+2. Short `dsv3-train` runs (`--steps` steps, an evaluation and a checkpoint every `--every`) in
+   a temporary workdir, once per setting. Each run's summary.json holds the phases of
+   `dsv3_jax.train.memory.PhaseLog`: resident memory at the end of each phase, the peak during
+   it (VmHWM, reset between phases, so the kernel's ru_maxrss of the child no longer holds
+   the run's peak: the largest phase peak does), live device bytes, XLA compilations.
 
-Timings are wall clock on a shared machine: compare ratios within the run.
+Settings: "before" (DSV3_MEMORY_DEFAULTS=1: glibc's allocator defaults, no malloc_trim, XLA's
+default flags) and "shipped" (dsv3-train as it runs: `memory.configure_malloc`, `memory.trim`
+after compiling, `memory.XLA_MEMORY_FLAGS`).
+
+Writes results/train_memory.{md,csv,png} and the children's raw outputs to
+results/train_memory.json; `--report-only` rewrites the .md / .csv / .png from that file.
+
+    python experiments/train_memory.py [--steps 6] [--every 3] [--report-only]
+
+Timings are wall clock on a shared machine: compare ratios within one run.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "orion_4x8.py")
+GIB, MIB = 2**30, 2**20
+SETTINGS = (("before", {"DSV3_MEMORY_DEFAULTS": "1"}), ("shipped", {}))
 
-
-def xla_memory() -> dict:
-  """Per-device bytes of the compiled train / eval steps of the main job (a child process, so
-  that its memory is not counted in the run's peak)."""
-  code = r"""
+# The accounting child: builds the main job as the trainer does (same allocator and XLA flag
+# settings as dsv3-train for the setting) and prints one JSON line.
+_ACCOUNTING = r"""
 import json, os
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=32"
+from dsv3_jax.train import memory
+memory.configure_malloc()
+os.environ["XLA_FLAGS"] = memory.xla_flags("--xla_force_host_platform_device_count=32")
+import jax
 from configs import orion_4x8
-from dsv3_jax.train import trainer
+from dsv3_jax.train import data as data_lib, integrity, trainer
+
 cfg = orion_4x8.get_config()
 job = trainer._build(cfg, trainer.validate(cfg), lambda *_: None)
 s, w, c = job.state, job.put(job.dataset[0]), job.initial_capacity
-out = {}
-for name, f, args in (("train", job.fns.train_step, (s["params"], s["other"], s["opt_state"], w, c)),
-                      ("eval", job.fns.eval_step, (s["params"], s["other"], w, c))):
-  m = f.lower(*args).compile().memory_analysis()
-  out[name] = {k: getattr(m, k + "_in_bytes") for k in ("argument_size", "temp_size", "alias_size")}
+leaves = jax.tree.leaves
+on_devices = lambda t: sum(sh.data.nbytes for x in leaves(t) for sh in x.addressable_shards)
+out = {"xla_flags": os.environ["XLA_FLAGS"], "devices": job.n_dev,
+       "state": {k: [on_devices(v), sum(x.nbytes for x in leaves(v))] for k, v in s.items()},
+       "host_data": int(job.windows.nbytes) + int(data_lib.load_corpus(
+           cfg.data.paths, cfg.data.heldout_fraction, window=258).train.nbytes),
+       "programs": {}}
+checked = {"params": s["params"], "other": s["other"]}
+checker = integrity.ReplicaChecker(checked, job.mesh)
+programs = (
+    ("train step", lambda: job.fns.train_step.lower(s["params"], s["other"], s["opt_state"],
+                                                    w, c)),
+    ("eval step", lambda: job.fns.eval_step.lower(s["params"], s["other"], w, c)),
+    ("replica checksums", lambda: checker._fn.lower(*[x for _, x in
+                                                      integrity.named_leaves(checked)])))
+for name, lower in programs:
+  before = memory.process_memory()["rss"]
+  memory.reset_peak()
+  m = lower().compile().memory_analysis()
+  after = memory.process_memory()
+  row = {k: int(getattr(m, k + "_in_bytes")) for k in
+         ("argument_size", "output_size", "alias_size", "temp_size")}
+  row["compile_peak_over_start"] = after["hwm"] - before
+  out["programs"][name] = row
 print(json.dumps(out))
 """
-  r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                     check=True)
-  return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def start_accounting(settings) -> dict:
+  """{setting: child process}, one per setting, started at once (they only compile)."""
+  return {name: subprocess.Popen([sys.executable, "-c", _ACCOUNTING], cwd=ROOT,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 env=dict(os.environ, **env)) for name, env in settings}
+
+
+def accounting(procs: dict) -> dict:
+  """{setting: accounting} from the children of `start_accounting`."""
+  out = {}
+  for name, p in procs.items():
+    stdout, stderr = p.communicate()
+    if p.returncode:
+      raise RuntimeError(f"accounting child ({name}) failed:\n{stderr[-3000:]}")
+    out[name] = json.loads(stdout.strip().splitlines()[-1])
+  return out
+
+
+def train_run(env: dict, steps: int, every: int) -> dict:
+  """A short dsv3-train run of the main job; its summary.json."""
+  with tempfile.TemporaryDirectory() as work:
+    cmd = [os.path.join(os.path.dirname(sys.executable), "dsv3-train"), f"--config={CONFIG}",
+           f"--config.train.steps={steps}", f"--config.train.eval_every={every}",
+           f"--config.train.checkpoint_every={every}", f"--config.train.workdir={work}"]
+    with open(os.path.join(work, "log.txt"), "w") as log:
+      status = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                              env=dict(os.environ, **env)).returncode
+    if status:
+      with open(os.path.join(work, "log.txt")) as f:
+        raise RuntimeError(f"dsv3-train failed ({status}):\n{f.read()[-3000:]}")
+    with open(os.path.join(work, "summary.json")) as f:
+      return json.load(f)
 
 
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--steps", type=int, default=12)
-  ap.add_argument("--every", type=int, default=4, help="eval and checkpoint interval")
+  ap.add_argument("--steps", type=int, default=6)
+  ap.add_argument("--every", type=int, default=3, help="eval and checkpoint interval")
   ap.add_argument("--out", default=os.path.join(ROOT, "results"))
+  ap.add_argument("--report-only", action="store_true",
+                  help="rewrite the report from <out>/train_memory.json (no runs)")
   args = ap.parse_args()
-  if args.steps < 2 or args.every < 1:
-    ap.error("--steps must be >= 2 and --every >= 1")
-  mem = xla_memory()
-  with tempfile.TemporaryDirectory() as work:
-    cmd = [os.path.join(os.path.dirname(sys.executable), "dsv3-train"), f"--config={CONFIG}",
-           f"--config.train.steps={args.steps}", f"--config.train.eval_every={args.every}",
-           f"--config.train.checkpoint_every={args.every}", f"--config.train.workdir={work}"]
-    subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    with open(os.path.join(work, "summary.json")) as f:
-      s = json.load(f)
-  load = os.getloadavg()[0]
-  gib = lambda b: b / 2**30
-  n = s["devices"]
+  if args.steps < 2 or args.every < 1 or args.every > args.steps:
+    ap.error("--steps must be >= 2 and 1 <= --every <= --steps")
+  raw_path = os.path.join(args.out, "train_memory.json")
+  if args.report_only:
+    if not os.path.exists(raw_path):
+      ap.error(f"--report-only needs {raw_path} (written by a full run)")
+    with open(raw_path) as f:
+      raw = json.load(f)
+  else:
+    children, runs = start_accounting(SETTINGS), {}
+    for name, env in SETTINGS:
+      runs[name] = train_run(env, args.steps, args.every)
+      print(f"{name}: peak {runs[name]['peak_rss_bytes'] / GIB:.2f} GiB", flush=True)
+    raw = dict(steps=args.steps, every=args.every, load=os.getloadavg()[0],
+               accounting=accounting(children), runs=runs)
+    os.makedirs(args.out, exist_ok=True)
+    with open(raw_path, "w") as f:
+      json.dump(raw, f, indent=1)
+  args.steps, args.every = raw["steps"], raw["every"]
+  write(args, raw["accounting"], raw["runs"], raw["load"], raw.get("note", ""))
+
+
+def write(args, acc: dict, runs: dict, load: float, note: str = "") -> None:
+  names = [n for n, _ in SETTINGS]
+  gib = lambda b: "n/a" if b is None else f"{b / GIB:.2f}"
+  mib = lambda b: "n/a" if b is None else f"{b / MIB:.0f}"
+  a0 = acc[names[-1]]
+  n = a0["devices"]
   lines = [
-      "# Main job: peak memory and step-time outliers",
+      "# Main job: where the resident memory goes, and step-time outliers",
       "",
       f"Generated by `experiments/train_memory.py --steps {args.steps} --every {args.every}` "
-      f"(configs/orion_4x8.py, {n} emulated devices, {os.cpu_count()} CPU cores, load average "
-      f"{load:.1f} at the end: timings are inflated by other jobs; compare ratios).",
+      f"(configs/orion_4x8.py, {n} emulated devices in one process, {os.cpu_count()} CPU "
+      f"cores, load average {load:.1f} at the end: timings are inflated by other jobs). "
+      "\"before\": glibc's allocator defaults, no malloc_trim, XLA's default flags "
+      "(DSV3_MEMORY_DEFAULTS=1); \"shipped\": dsv3-train as it runs "
+      f"(dsv3_jax/train/memory.py; XLA flags `{' '.join(a0['xla_flags'].split()[1:])}`)."
+      + (f" {note}" if note else ""),
       "",
-      "| quantity | value |",
-      "|---|---:|",
-      f"| peak resident memory of the run (GiB) | {gib(peak):.2f} |",
+      "## Peak resident memory of `dsv3-train`",
+      "",
+      "| setting | peak resident memory (GiB) | median step (s) | "
+      "first step incl. compile (s) | slowest step / median | slowest iteration / median |",
+      "|---|---:|---:|---:|---:|---:|",
   ]
-  for name in ("train", "eval"):
-    m = mem[name]
-    lines.append(f"| {name} step: arguments per device (MiB) x {n} devices (GiB) | "
-                 f"{m['argument_size'] / 2**20:.1f} x {n} = {gib(m['argument_size'] * n):.2f} |")
-    lines.append(f"| {name} step: XLA temporaries per device (MiB) x {n} devices (GiB) | "
-                 f"{m['temp_size'] / 2**20:.1f} x {n} = {gib(m['temp_size'] * n):.2f} |")
-  lines.append(f"| train step: donated (aliased) bytes per device (MiB) | "
-               f"{mem['train']['alias_size'] / 2**20:.1f} |")
   fmt = lambda v, p=2: "n/a" if v is None else f"{v:.{p}f}"
+  for name in names:
+    s = runs[name]
+    lines.append(f"| {name} | {gib(s.get('peak_rss_bytes'))} | "
+                 f"{fmt(s['step_time_s'])} | {fmt(s['first_step_s'], 1)} | "
+                 f"{fmt(s.get('slowest_step_over_median'))} | "
+                 f"{fmt(s.get('slowest_iteration_over_median'))} |")
+  same = all(runs[nm]["final"].get(k) == runs[names[0]]["final"].get(k)
+             for nm in names for k in ("loss", "mtp_loss", "grad_norm", "dropped_tokens"))
+  same = same and len({runs[nm]["heldout_loss"] for nm in names}) == 1
+  f0 = runs[names[0]]["final"]
   lines += [
-      f"| median train step (s) | {fmt(s['step_time_s'])} |",
-      f"| first step, with compilation (s) | {fmt(s['first_step_s'], 1)} |",
-      f"| compiling eval / checks before the loop (s) | {fmt(s.get('warmup_s'), 1)} |",
-      f"| slowest train step / median | {fmt(s.get('slowest_step_over_median'))} |",
-      f"| slowest loop iteration (step + eval + checks + save) / median | "
-      f"{fmt(s.get('slowest_iteration_over_median'))} |",
-      f"| held-out evaluation, median (s) | {fmt(s.get('eval_s'))} |",
-      f"| checkpoint save, blocking part, median (s) | {fmt(s.get('checkpoint_save_s'))} |",
       "",
-      "The evaluation runs data.eval_sequences / train.batch_size forward passes of a full batch, "
-      "so an iteration with an evaluation is inherently longer than a train step; the slowest "
-      "train step alone excludes it.",
+      f"Same values in every setting: {'yes' if same else 'NO'} (step {f0.get('step')}: train "
+      f"loss {f0.get('loss')!r}, MTP loss {f0.get('mtp_loss')!r}, gradient norm "
+      f"{f0.get('grad_norm')!r}, held-out loss {runs[names[0]]['heldout_loss']!r}; compared "
+      "to the last digit between the settings).",
+      "",
+      "## Per phase (PhaseLog in summary.json; repeated phases accumulate, peak = the "
+      "largest)",
+      "",
+      "| phase | times | " + " | ".join(f"{nm}: RSS at end / peak (MiB)" for nm in names) +
+      " | live device arrays (MiB) | XLA compilations | seconds (shipped) |",
+      "|---|---:|" + "---:|" * len(names) + "---:|---:|---:|",
+  ]
+  phases = {nm: {p["name"]: p for p in runs[nm]["memory"]} for nm in names}
+  rows = []
+  for p in runs[names[-1]]["memory"]:
+    cells = []
+    for nm in names:
+      q = phases[nm].get(p["name"])
+      cells.append(f"{mib(q['rss'])} / {mib(q['peak'])}" if q else "n/a")
+      if q:
+        rows.append(dict(setting=nm, phase=p["name"], count=q["count"], rss_bytes=q["rss"],
+                         peak_bytes=q["peak"], live_bytes=q["live"], compiles=q["compiles"],
+                         seconds=q["seconds"]))
+    lines.append(f"| {p['name']} | {p['count']} | " + " | ".join(cells) +
+                 f" | {mib(p['live'])} | {p['compiles']} | {p['seconds']:.1f} |")
+  lines += [
+      "",
+      "## The accounting (XLA memory analysis, per device; x devices for the process)",
+      "",
+      "| item | " + " | ".join(f"{nm} (MiB per device)" for nm in names) +
+      f" | x {n} devices, shipped (GiB) |",
+      "|---|" + "---:|" * len(names) + "---:|",
+  ]
+  lines.append("| host: training text + held-out windows (process) | " +
+               " | ".join(f"{acc[nm]['host_data'] / MIB:.1f}" for nm in names) + " | |")
+  for k in ("params", "other", "opt_state"):
+    on_dev, one = a0["state"][k]
+    lines.append(f"| state `{k}` on the devices (one copy: {one / MIB:.1f} MiB) | " +
+                 " | ".join(f"{acc[nm]['state'][k][0] / n / MIB:.1f}" for nm in names) +
+                 f" | {on_dev / GIB:.2f} |")
+  for prog in a0["programs"]:
+    for key, label in (("temp_size", "temporaries"), ("argument_size", "arguments"),
+                       ("alias_size", "donated (aliased)")):
+      lines.append(f"| {prog}: {label} | " +
+                   " | ".join(f"{acc[nm]['programs'][prog][key] / MIB:.1f}" for nm in names) +
+                   f" | {a0['programs'][prog][key] * n / GIB:.2f} |")
+    lines.append(f"| {prog}: compile, peak RSS over its start (process, not per device) | " +
+                 " | ".join(f"{acc[nm]['programs'][prog]['compile_peak_over_start'] / MIB:.0f}"
+                            for nm in names) + " | |")
+  tr = a0["programs"]["train step"]
+  state_b = sum(v[0] for v in a0["state"].values())
+  floor = state_b + tr["temp_size"] * n
+  peak = runs[names[-1]]["peak_rss_bytes"]
+  lines += [
+      "",
+      f"The floor of the train step on this mesh: the state on the devices "
+      f"{state_b / GIB:.2f} GiB (replicated leaves once per device) + the step's temporaries "
+      f"{tr['temp_size'] / MIB:.1f} MiB x {n} devices = {tr['temp_size'] * n / GIB:.2f} GiB, "
+      f"{floor / GIB:.2f} GiB ({floor / 1e9:.2f} GB) before any runtime, code or allocator "
+      f"overhead; the shipped run peaks {(peak - floor) / GIB:.2f} GiB above it. A peak of "
+      "3 GB needs smaller step temporaries or a sharded state (ZeRO-1, "
+      "train.shard_optimizer_state)."]
+  s = runs[names[-1]]
+  lines += [
+      "",
+      f"Shipped run: median held-out evaluation {fmt(s.get('eval_s'))} s "
+      f"({cfg_eval_batches()} forward passes of a full batch, so an iteration with an "
+      f"evaluation is inherently longer than a train step; the slowest train step alone "
+      f"excludes it), checkpoint save, blocking part {fmt(s.get('checkpoint_save_s'))} s, "
+      f"replica check {fmt(s.get('sdc_check_s'))} s, compiling the eval and check programs "
+      f"before the loop {fmt(s.get('warmup_s'), 1)} s.",
   ]
   os.makedirs(args.out, exist_ok=True)
-  path = os.path.join(args.out, "train_memory.md")
-  with open(path, "w") as f:
+  base = os.path.join(args.out, "train_memory")
+  with open(base + ".md", "w") as f:
     f.write("\n".join(lines) + "\n")
+  keys = ["setting", "phase", "count", "rss_bytes", "peak_bytes", "live_bytes", "compiles",
+          "seconds"]
+  with open(base + ".csv", "w", newline="") as f:
+    wr = csv.DictWriter(f, fieldnames=keys)
+    wr.writeheader()
+    wr.writerows(rows)
+    for nm in names:
+      wr.writerow(dict(setting=nm, phase="whole run", peak_bytes=runs[nm]["peak_rss_bytes"]))
+  plot(base + ".png", names, runs)
   print("\n".join(lines))
-  print(f"wrote {path}")
+  print(f"wrote {base}.md, .csv, .png")
+
+
+def cfg_eval_batches() -> int:
+  sys.path.insert(0, ROOT)
+  from configs import orion_4x8
+
+  c = orion_4x8.get_config()
+  return c.data.eval_sequences // c.train.batch_size
+
+
+def plot(path: str, names: list, runs: dict) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  import numpy as np
+
+  order = [p["name"] for p in runs[names[-1]]["memory"]]
+  fig, ax = plt.subplots(figsize=(8, 4))
+  y = np.arange(len(order))
+  h = 0.8 / len(names)
+  for i, nm in enumerate(names):
+    by = {p["name"]: p for p in runs[nm]["memory"]}
+    ax.barh(y + i * h, [(by[o]["peak"] or 0) / GIB if o in by else 0 for o in order], h,
+            label=f"{nm} (peak {runs[nm]['peak_rss_bytes'] / GIB:.2f} GiB)")
+  ax.set_yticks(y + h * (len(names) - 1) / 2, order)
+  ax.invert_yaxis()
+  ax.axvline(3e9 / GIB, color="0.5", ls="--", lw=1, label="target 3 GB")
+  ax.set_xlabel("peak resident memory during the phase (GiB)")
+  ax.legend(fontsize=8, loc="lower right")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

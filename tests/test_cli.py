@@ -60,6 +60,13 @@ def test_own_data_folder_trains_from_the_command_line(tmp_path):
   config = json.load(open(work / "config.json"))
   assert config["data"]["paths"] == [stdlib]
   assert "held-out loss" in r.stdout
+  # The per-phase memory log dsv3-train starts before its imports (train/memory.py).
+  summary = json.load(open(work / "summary.json"))
+  phases = {p["name"]: p for p in summary["memory"]}
+  assert {"imports", "mesh + model init", "first train step (compile + run)",
+          "held-out evaluation", "checkpoint save (blocking part)"} <= set(phases)
+  assert phases["first train step (compile + run)"]["compiles"] >= 1
+  assert summary["peak_rss_bytes"] == max(p["peak"] for p in summary["memory"]) > 0
 
 
 def test_help_prints_usage_and_the_config_fields(tmp_path):

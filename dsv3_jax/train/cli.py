@@ -42,12 +42,19 @@ def main(argv) -> None:
 
   cfg = flags.FLAGS.config
   from dsv3_jax.parallel.mesh import set_host_device_count
+  from dsv3_jax.train import memory  # does not import jax
 
+  # Before jax starts: fewer glibc arenas, a fixed mmap threshold and XLA:CPU's memory-saving
+  # scheduler (memory.py; DSV3_MEMORY_DEFAULTS=1 keeps glibc's and XLA's defaults).
+  memory.configure_malloc()
+  os.environ["XLA_FLAGS"] = memory.xla_flags(os.environ.get("XLA_FLAGS", ""))
+  phases = memory.PhaseLog()
   set_host_device_count(cfg.mesh.nodes * cfg.mesh.gpus_per_node * cfg.mesh.get("stages", 1))
   from dsv3_jax.train import trainer  # imports jax with the device count in place
 
+  phases.mark("imports")
   try:
-    trainer.train(cfg)
+    trainer.train(cfg, phases=phases)
   except (ValueError, FileNotFoundError) as e:
     print(f"dsv3-train: error: {e}", file=sys.stderr)
     sys.exit(2)

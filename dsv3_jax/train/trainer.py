@@ -249,12 +249,15 @@ def _load_data(cfg, model_cfg: ModelConfig, log):
   return (h1, h2), windows, dataset
 
 
-def _build(cfg, model_cfg: ModelConfig, log) -> _Job:
-  """Data, the model placed on its mesh, the optimizer state and the jitted steps."""
+def _build(cfg, model_cfg: ModelConfig, log,
+           mark: Callable[[str], Any] = lambda _: None) -> _Job:
+  """Data, the model placed on its mesh, the optimizer state and the jitted steps (`mark(phase)`
+  is called at the end of each: `memory.PhaseLog.mark`)."""
   from dsv3_jax.parallel.mesh import make_mesh, shard_model
 
   t, seq = cfg.train, cfg.data.seq_len
   entropies, windows, dataset = _load_data(cfg, model_cfg, log)
+  mark("data")
   n_dev = cfg.mesh.nodes * cfg.mesh.gpus_per_node
   procs = jax.process_count()
   if procs > 1:
@@ -277,6 +280,7 @@ def _build(cfg, model_cfg: ModelConfig, log) -> _Job:
     if mesh is not None:
       shard_model(model, mesh)
   graphdef, params, other = nnx.split(model, nnx.Param, ...)
+  mark("mesh + model init")
   optimizer = make_optimizer(t)
   opt_state = optimizer.init(params)
   if mesh is not None:
@@ -316,6 +320,7 @@ def _build(cfg, model_cfg: ModelConfig, log) -> _Job:
   else:
     p_sh = o_sh = opt_sh = None
     put = jnp.asarray
+  mark("optimizer state")
   # The state is donated to the step (its new value reuses the buffers); a dropless step that
   # overflows returns the state unchanged and is rerun from it (`_train_step`).
   fns = make_step_fns(graphdef, optimizer, model_cfg, t, seq, mesh, p_sh, o_sh, opt_sh,
@@ -451,9 +456,13 @@ def _train_step(job: _Job, run: _Run, window) -> dict:
 
 
 def _loop(job: _Job, run: _Run, start: int, ckpt, writer, *, progress: bool, log,
-          after_step: Optional[Callable[[int, dict], dict]] = None) -> _Run:
-  """Steps start..train.steps, logging, evaluating and checkpointing on their schedules."""
+          after_step: Optional[Callable[[int, dict], dict]] = None,
+          mark: Callable[[str], Any] = lambda _: None) -> _Run:
+  """Steps start..train.steps, logging, evaluating and checkpointing on their schedules
+  (`mark(phase)` after each part: `memory.PhaseLog.mark`)."""
   from tqdm.auto import tqdm
+
+  from dsv3_jax.train import memory
 
   from dsv3_jax.train.metrics import format_line, to_python
 
@@ -480,12 +489,17 @@ def _loop(job: _Job, run: _Run, start: int, ckpt, writer, *, progress: bool, log
       checker = _sdc_checker(job, run)
       checker.sums(_checked(run.state))
     run.warmup_s = time.perf_counter() - t0
+    memory.trim()  # the compilers' freed memory back to the system (memory.py)
+    mark("compile eval + checks")
   last_done = time.perf_counter()
   for step in range(start, t.steps):
     window = job.put(job.dataset[step])
     t0 = time.perf_counter()
     metrics = _train_step(job, run, window)
     dt = time.perf_counter() - t0
+    if run.first_step_s is None:
+      memory.trim()
+    mark("train step" if run.first_step_s is not None else "first train step (compile + run)")
     if run.nonfinite_in_a_row:
       write(f"step {step + 1}: non-finite loss {metrics.get('total_loss')} / gradient norm "
             f"{metrics.get('grad_norm')}: update skipped ({run.nonfinite_in_a_row} in a row, "
@@ -519,12 +533,14 @@ def _loop(job: _Job, run: _Run, start: int, ckpt, writer, *, progress: bool, log
       t1 = time.perf_counter()
       run.heldout = evaluate()
       run.eval_s.append(time.perf_counter() - t1)
+      mark("held-out evaluation")
       writer.write({"step": done, "heldout_loss": run.heldout})
       write(f"step {done} | held-out loss {run.heldout:.4f} nats/byte")
     saving = done % t.checkpoint_every == 0 or done == t.steps
     if job.mesh is not None and sdc_every and (done % sdc_every == 0 or saving):
       checker = checker or _sdc_checker(job, run)
       _sdc_check(checker, run, done, ckpt)
+      mark("replica check")
     if saving:
       bad = integrity.nonfinite_leaves(run.state)
       if bad:
@@ -536,6 +552,7 @@ def _loop(job: _Job, run: _Run, start: int, ckpt, writer, *, progress: bool, log
       ckpt.save(done, run.state, {"step": done, "capacity": list(run.capacity)}, force=True)
       run.checkpoint_save_s.append(time.perf_counter() - t0)
       run.checkpoint_checksum_s.append(ckpt.checksum_s)
+      mark("checkpoint save (blocking part)")
     now = time.perf_counter()
     run.wall_s.append(now - last_done)  # the whole iteration: step, eval, checks, save
     last_done = now
@@ -598,8 +615,8 @@ def _outliers(run: _Run) -> dict:
   return out
 
 
-def _summarize(job: _Job, run: _Run, start: int, log) -> dict:
-  """Writes `<workdir>/summary.json` and returns it."""
+def _summarize(job: _Job, run: _Run, start: int, log, phases=None) -> dict:
+  """Writes `<workdir>/summary.json` and returns it (with `phases`' memory rows)."""
   cfg, t = job.cfg, job.cfg.train
   h1, h2 = job.entropies
   times = run.step_times or [float("nan")]
@@ -618,7 +635,9 @@ def _summarize(job: _Job, run: _Run, start: int, log) -> dict:
                              if run.checkpoint_checksum_s else None),
       checkpoint_restore_s=run.checkpoint_restore_s,
       eval_s=float(np.median(run.eval_s)) if run.eval_s else None,
-      warmup_s=run.warmup_s, **_outliers(run), final=run.last)
+      warmup_s=run.warmup_s, **_outliers(run), final=run.last,
+      peak_rss_bytes=phases.peak() if phases is not None else None,
+      memory=phases.rows() if phases is not None else [])
   summary_path = os.path.join(t.workdir, "summary.json")
   if run.first_step_s is None and os.path.exists(summary_path):
     # Resumed a finished run: no step ran now, so keep the timings of the run that trained it.
@@ -636,7 +655,7 @@ def _summarize(job: _Job, run: _Run, start: int, log) -> dict:
 
 
 def train(cfg, *, progress: bool = True, log: Callable[[str], None] = print,
-          after_step: Optional[Callable[[int, dict], dict]] = None) -> dict:
+          after_step: Optional[Callable[[int, dict], dict]] = None, phases=None) -> dict:
   """Runs (or resumes) the training job described by `cfg` (see configs/tiny.py).
 
   Writes `<workdir>/config.json`, `metrics.jsonl` (and the same scalars as TensorBoard event
@@ -645,6 +664,11 @@ def train(cfg, *, progress: bool = True, log: Callable[[str], None] = print,
 
   `after_step(step, state) -> state`, if given, runs after every step (steps counted from 1)
   and its result continues training: a fault-injection point for tests.
+
+  `phases` (a `memory.PhaseLog`, e.g. started by `dsv3-train` before its imports; by default
+  one started here) records the process's resident memory, peak, live device bytes and
+  compilations per phase (data, model init, compilations, steps, evaluation, checkpoint
+  save); summary.json gets them as `memory` and the peak as `peak_rss_bytes`.
 
   In a multi-process run every process calls `train(cfg)` with the same config (module
   docstring, "Multi-process"); each returns the same summary, process 0 writes the files.
@@ -661,12 +685,14 @@ def train(cfg, *, progress: bool = True, log: Callable[[str], None] = print,
   from dsv3_jax.train.checkpoint import Checkpointer, sync
   from dsv3_jax.train.metrics import MetricsWriter
 
-  from dsv3_jax.train import resume
+  from dsv3_jax.train import memory, resume
 
+  phases = phases if phases is not None else memory.PhaseLog()
   model_cfg = validate(cfg, log)
   t = cfg.train
   changes = resume.check(cfg, t.workdir)  # refuses math changes before anything is written
-  job = _build(cfg, model_cfg, log)
+  phases.mark("validate config")
+  job = _build(cfg, model_cfg, log, phases.mark)
   primary = jax.process_index() == 0  # writes the run's files (every process checkpoints)
   sync("checked")  # every process has read config.json before process 0 rewrites it
   os.makedirs(t.workdir, exist_ok=True)
@@ -678,6 +704,7 @@ def train(cfg, *, progress: bool = True, log: Callable[[str], None] = print,
     ckpt.close()
     raise
   job.state = None  # the initial state: no copy of it lives beside the one being trained
+  phases.mark("restore")
   run0 = _Run(state, capacity, checkpoint_restore_s=ckpt.restore_s if start else None)
   if changes:
     log(f"warning: resuming at step {start} with changed settings (train.allow_config_change"
@@ -694,11 +721,12 @@ def train(cfg, *, progress: bool = True, log: Callable[[str], None] = print,
   writer = MetricsWriter(t.workdir) if primary else _NoWriter()
   try:
     run = _loop(job, run0, start, ckpt, writer, progress=progress, log=log,
-                after_step=after_step)
+                after_step=after_step, mark=phases.mark)
   finally:
     writer.close()
     ckpt.close()
-  return _summarize(job, run, start, log)
+  phases.mark("checkpoint writes finish")
+  return _summarize(job, run, start, log, phases)
 
 
 def load_trained(workdir: str, *, step: Optional[int] = None, mesh=None):
