@@ -48,8 +48,8 @@ from dsv3_jax.vma import varying_axes
 # stage_fn(params, consts, shared, shared_consts, x, *, direction, micro_batch, stage)
 #   -> ((y, loss), (sums, maxes)):
 # one stage on one micro-batch. params / consts: the chunk's parameters and constants (pytrees);
-# shared / shared_consts: those every rank holds (embedding, head, ...); x [*act_shape] the stage input (ignored on stage
-# 0); direction: static int; micro_batch, stage: int32 [] (micro-batch index within all
+# shared / shared_consts: those every rank holds (embedding, head, ...); x [*act_shape] the
+# stage input (ignored on stage 0); direction: static int; micro_batch, stage: int32 [] (micro-batch index within all
 # micro-batches, model stage). y: [*act_shape] the stage output (unused on the last stage);
 # loss: [] float32 this micro-batch's loss share on this stage (its cotangent is
 # `loss_scale`); sums / maxes: pytrees of statistics summed / maxed over the stage's
@@ -176,7 +176,8 @@ def execute(table: SlotTable, stage_fn: StageFn, stage_params, shared, *, act_sh
       c = dict(c)
       m, s = my[COL["micro_batch"]], stage_of(d)
       x_in = c["act"][my[COL["in_entry"]]]
-      c = check(c, (s == 0) | (c["act_tag"][my[COL["in_entry"]]] == _tag(ACTIVATION, d, m, per_dir)))
+      c = check(c, (s == 0) |
+                (c["act_tag"][my[COL["in_entry"]]] == _tag(ACTIVATION, d, m, per_dir)))
       (y, _), (sums, maxes) = call(d, chunks[d], shared, x_in, m)
       c["x"] = c["x"].at[my[COL["x_entry"]]].set(x_in)
       c["x_tag"] = c["x_tag"].at[my[COL["x_entry"]]].set(_tag(FWD, d, m, per_dir))
