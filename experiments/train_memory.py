@@ -15,8 +15,9 @@ processes so that nothing is shared between them:
    the run's peak: the largest phase peak does), live device bytes, XLA compilations.
 
 Settings: "before" (DSV3_MEMORY_DEFAULTS=1: glibc's allocator defaults, no malloc_trim, XLA's
-default flags) and "shipped" (dsv3-train as it runs: `memory.configure_malloc`, `memory.trim`
-after compiling, `memory.XLA_MEMORY_FLAGS`).
+default flags), "low memory" (DSV3_LOW_MEMORY=1: also `memory.configure_malloc`, fewer glibc
+arenas and a fixed mmap threshold) and "shipped" (dsv3-train as it runs by default:
+`memory.XLA_MEMORY_FLAGS` and `memory.trim` after compiling).
 
 Writes results/train_memory.{md,csv,png} and the children's raw outputs to
 results/train_memory.json; `--report-only` rewrites the .md / .csv / .png from that file.
@@ -39,14 +40,16 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "orion_4x8.py")
 GIB, MIB = 2**30, 2**20
-SETTINGS = (("before", {"DSV3_MEMORY_DEFAULTS": "1"}), ("shipped", {}))
+SETTINGS = (("before", {"DSV3_MEMORY_DEFAULTS": "1"}), ("low memory", {"DSV3_LOW_MEMORY": "1"}),
+            ("shipped", {}))  # the last one is what dsv3-train runs by default
 
 # The accounting child: builds the main job as the trainer does (same allocator and XLA flag
 # settings as dsv3-train for the setting) and prints one JSON line.
 _ACCOUNTING = r"""
 import json, os
 from dsv3_jax.train import memory
-memory.configure_malloc()
+if memory.low_memory():
+  memory.configure_malloc()
 os.environ["XLA_FLAGS"] = memory.xla_flags("--xla_force_host_platform_device_count=32")
 import jax
 from configs import orion_4x8
@@ -160,7 +163,9 @@ def write(args, acc: dict, runs: dict, load: float, note: str = "") -> None:
       f"(configs/orion_4x8.py, {n} emulated devices in one process, {os.cpu_count()} CPU "
       f"cores, load average {load:.1f} at the end: timings are inflated by other jobs). "
       "\"before\": glibc's allocator defaults, no malloc_trim, XLA's default flags "
-      "(DSV3_MEMORY_DEFAULTS=1); \"shipped\": dsv3-train as it runs "
+      "(DSV3_MEMORY_DEFAULTS=1); \"low memory\": also fewer glibc arenas and a fixed mmap "
+      "threshold (DSV3_LOW_MEMORY=1, `memory.configure_malloc`); \"shipped\": dsv3-train as "
+      "it runs by default, malloc_trim after compiling and "
       f"(dsv3_jax/train/memory.py; XLA flags `{' '.join(a0['xla_flags'].split()[1:])}`)."
       + (f" {note}" if note else ""),
       "",

@@ -44,9 +44,10 @@ def main(argv) -> None:
   from dsv3_jax.parallel.mesh import set_host_device_count
   from dsv3_jax.train import memory  # does not import jax
 
-  # Before jax starts: fewer glibc arenas, a fixed mmap threshold and XLA:CPU's memory-saving
-  # scheduler (memory.py; DSV3_MEMORY_DEFAULTS=1 keeps glibc's and XLA's defaults).
-  memory.configure_malloc()
+  # Before jax starts: XLA:CPU's memory-saving scheduler, and with DSV3_LOW_MEMORY=1 fewer glibc
+  # arenas and a fixed mmap threshold (memory.py; DSV3_MEMORY_DEFAULTS=1: the libraries' defaults).
+  if memory.low_memory():
+    memory.configure_malloc()
   os.environ["XLA_FLAGS"] = memory.xla_flags(os.environ.get("XLA_FLAGS", ""))
   phases = memory.PhaseLog()
   set_host_device_count(cfg.mesh.nodes * cfg.mesh.gpus_per_node * cfg.mesh.get("stages", 1))

@@ -18,8 +18,14 @@ glibc (Linux) details that matter here (see mallopt(3)):
 * `malloc_trim(0)` returns the free memory of every arena to the system.
 
 All of this changes where the allocator places memory, never a computed value.
-`DSV3_MEMORY_DEFAULTS=1` in the environment turns `configure_malloc`, `trim` and
-`xla_flags` off (glibc's and XLA's defaults; experiments/train_memory.py compares the two).
+Three settings, chosen by environment variables (experiments/train_memory.py compares them):
+
+* default: `xla_flags` (XLA:CPU's memory-saving scheduler) and `trim` after compiling, glibc's
+  allocator as it is: ~0.5 GiB lower peak than the library defaults at the same step time;
+* `DSV3_LOW_MEMORY=1`: also `configure_malloc` (2 arenas, 1 MiB mmap threshold): another
+  ~0.8 GiB lower peak, but the 32-device step runs ~1.2-1.35x slower (fewer arenas for XLA's
+  threads and an mmap / munmap per large buffer), so it is not the default;
+* `DSV3_MEMORY_DEFAULTS=1`: none of it (glibc's and XLA's defaults).
 """
 
 from __future__ import annotations
@@ -38,8 +44,17 @@ _libc: list = []
 ENV = "DSV3_MEMORY_DEFAULTS"  # "1": glibc's and XLA's defaults (this module's settings off)
 
 
+LOW_MEMORY_ENV = "DSV3_LOW_MEMORY"  # "1": `configure_malloc` too (smaller peak, slower steps)
+
+
 def _enabled() -> bool:
   return os.environ.get(ENV, "") != "1"
+
+
+def low_memory() -> bool:
+  """Whether the entry points apply `configure_malloc` (DSV3_LOW_MEMORY=1 and not
+  DSV3_MEMORY_DEFAULTS=1; module docstring)."""
+  return _enabled() and os.environ.get(LOW_MEMORY_ENV, "") == "1"
 
 
 def _glibc():

@@ -64,6 +64,16 @@ def test_xla_flags_append_unless_set_and_defaults_switch(monkeypatch):
   assert memory.configure_malloc() is False and memory.trim() is False
 
 
+def test_low_memory_is_opt_in(monkeypatch):
+  monkeypatch.delenv(memory.ENV, raising=False)
+  monkeypatch.delenv(memory.LOW_MEMORY_ENV, raising=False)
+  assert memory.low_memory() is False  # the malloc caps slow the step: not the default
+  monkeypatch.setenv(memory.LOW_MEMORY_ENV, "1")
+  assert memory.low_memory() is True
+  monkeypatch.setenv(memory.ENV, "1")  # the libraries' defaults win over everything
+  assert memory.low_memory() is False
+
+
 def test_configure_malloc_rejects_bad_settings():
   with pytest.raises(ValueError, match="arena_max"):
     memory.configure_malloc(arena_max=0)
