@@ -23,15 +23,30 @@ def test_bad_config_exits_with_a_message_and_writes_nothing(tmp_path):
   assert not work.exists()
 
 
-def test_main_job_config_runs_on_32_emulated_devices(tmp_path):
+def test_main_job_config_runs_on_32_emulated_devices_on_a_data_folder_from_the_command_line(
+    tmp_path):
+  import sysconfig
+
+  # One run (each costs a jax import and a compile) for three subjects: the main job's config
+  # on 32 emulated devices, a data folder given as `--config.data.paths` (README, Configs), and
+  # the per-phase memory log dsv3-train starts before its imports (train/memory.py).
   work = tmp_path / "run"
+  stdlib = sysconfig.get_paths()["stdlib"]
   r = _run([f"--config={ROOT}/configs/orion_4x8.py", "--config.train.steps=2",
             "--config.train.log_every=1", "--config.train.eval_every=2",
-            "--config.data.eval_sequences=32", f"--config.train.workdir={work}"], tmp_path)
+            "--config.data.eval_sequences=32", f"--config.data.paths=('{stdlib}',)",
+            f"--config.train.workdir={work}"], tmp_path)
   assert r.returncode == 0, r.stderr[-2000:]
   assert "held-out loss" in r.stdout
   summary = json.load(open(work / "summary.json"))
   assert summary["devices"] == 32 and summary["steps"] == 2
+  config = json.load(open(work / "config.json"))
+  assert config["data"]["paths"] == [stdlib]
+  phases = {p["name"]: p for p in summary["memory"]}
+  assert {"imports", "mesh + model init", "first train step (compile + run)",
+          "held-out evaluation", "checkpoint save (blocking part)"} <= set(phases)
+  assert phases["first train step (compile + run)"]["compiles"] >= 1
+  assert summary["peak_rss_bytes"] == max(p["peak"] for p in summary["memory"]) > 0
 
 
 def test_own_data_paths_override_from_the_command_line(tmp_path):
@@ -43,30 +58,6 @@ def test_own_data_paths_override_from_the_command_line(tmp_path):
   assert r.returncode == 2, r.stderr[-2000:]
   assert "data.paths: '/no/such/texts' does not exist" in r.stderr
   assert not work.exists()
-
-
-def test_own_data_folder_trains_from_the_command_line(tmp_path):
-  import sysconfig
-
-  work = tmp_path / "run"
-  stdlib = sysconfig.get_paths()["stdlib"]
-  # The subject is the data override: the tiny model cut to one dense and one MoE layer, no
-  # MTP module (a smaller program to compile).
-  r = _run([f"--config={ROOT}/configs/tiny.py", f"--config.data.paths=('{stdlib}',)",
-            "--config.model.num_hidden_layers=2", "--config.model.num_nextn_predict_layers=0",
-            "--config.train.steps=1", "--config.train.eval_every=1",
-            "--config.data.eval_sequences=8", f"--config.train.workdir={work}"], tmp_path)
-  assert r.returncode == 0, r.stderr[-2000:]
-  config = json.load(open(work / "config.json"))
-  assert config["data"]["paths"] == [stdlib]
-  assert "held-out loss" in r.stdout
-  # The per-phase memory log dsv3-train starts before its imports (train/memory.py).
-  summary = json.load(open(work / "summary.json"))
-  phases = {p["name"]: p for p in summary["memory"]}
-  assert {"imports", "mesh + model init", "first train step (compile + run)",
-          "held-out evaluation", "checkpoint save (blocking part)"} <= set(phases)
-  assert phases["first train step (compile + run)"]["compiles"] >= 1
-  assert summary["peak_rss_bytes"] == max(p["peak"] for p in summary["memory"]) > 0
 
 
 def test_help_prints_usage_and_the_config_fields(tmp_path):
