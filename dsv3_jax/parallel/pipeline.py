@@ -31,6 +31,17 @@ Every message and buffer entry carries a tag (kind, direction, micro-batch): the
 tags that differ from what the table expects (`PipelineRun.mismatches`, 0 when the schedule's
 dependencies hold), the idle slots it ran and the peak of stored stage inputs alive (F to W),
 the activation memory of Table 2.
+
+Stage transfer (`transfer`). "ppermute" (default) moves each message with `lax.ppermute`: the
+fewest bytes (one message per direction). On XLA:CPU + gloo a ppermute's communicator spans
+every device of the program even over a 16-member axis (/work/shared/NOTES-2048.md), which at
+2048 devices cannot fit the open-file limit. "all_gather" moves the same message with one
+`lax.all_gather` over the stage axis (a group of pp members only) and each rank keeps the
+entry of its neighbour (rank - 1 for the upward message, rank + 1 for the downward one; the
+DualPipe mirror exchange keeps entry pp - 1 - rank). Byte cost per slot and device: ppermute
+sends the message twice (up and down) = 2 x M bytes; all_gather receives (pp - 1) x M, i.e.
+(pp - 1) / 2 times as many (7.5x at pp = 16), and holds a [pp, *act_shape] buffer. The results
+are identical (the same values are selected; tests/parallel/test_pipeline_transfer.py).
 """
 
 from __future__ import annotations
@@ -96,6 +107,29 @@ def _vary(tree):
   return jax.tree.map(leaf, tree)
 
 
+TRANSFERS = ("ppermute", "all_gather")
+
+
+def _shift(tree, perm, stage_axis: str, transfer: str):
+  """Sends every leaf along `perm` ([(source, destination)] stage ranks) over `stage_axis`;
+  ranks that are no destination get zeros (as `lax.ppermute`). "all_gather": one all_gather
+  over the stage axis, then each rank selects its source's entry."""
+  if transfer == "ppermute":
+    return jax.lax.ppermute(tree, stage_axis, perm)
+  pp = dict(jax.sharding.get_abstract_mesh().shape)[stage_axis]
+  src = [-1] * pp
+  for s, d in perm:
+    src[d] = s
+  me = jnp.asarray(src, jnp.int32)[jax.lax.axis_index(stage_axis)]
+
+  def leaf(x):
+    g = jax.lax.all_gather(x, stage_axis)  # [pp, *x.shape]
+    pick = jax.lax.dynamic_index_in_dim(g, jnp.maximum(me, 0), 0, keepdims=False)
+    return jnp.where(me >= 0, pick, jnp.zeros_like(pick))
+
+  return jax.tree.map(leaf, tree)
+
+
 def _tag(kind: int, direction, micro_batch, per_direction: int):
   """Unique positive int32 per (kind, direction, micro-batch)."""
   return 1 + (kind * 2 + direction) * per_direction + micro_batch
@@ -103,7 +137,7 @@ def _tag(kind: int, direction, micro_batch, per_direction: int):
 
 def execute(table: SlotTable, stage_fn: StageFn, stage_params, shared, *, act_shape: Sequence[int],
             act_dtype, loss_scale: float, stage_consts=(), shared_consts=(),
-            stage_axis: str = STAGE_AXIS) -> PipelineRun:
+            stage_axis: str = STAGE_AXIS, transfer: str = "ppermute") -> PipelineRun:
   """Runs one step of the pipeline schedule `table` on this device (inside `jax.shard_map`).
 
   Args:
@@ -117,13 +151,17 @@ def execute(table: SlotTable, stage_fn: StageFn, stage_params, shared, *, act_sh
     act_shape, act_dtype: the activation passed between stages, e.g. [b, S, D] float32.
     loss_scale: cotangent of every micro-batch's loss (e.g. 1 / (devices x micro-batches)).
     stage_axis: the mesh axis of the pipeline ranks.
+    transfer: how messages move between stages (pipeline.transfer): "ppermute" (default) or
+      "all_gather" (groups of the stage axis only; see the module docstring for the bytes).
 
   Returns:
     `PipelineRun`.
 
   Raises:
-    ValueError: the stage axis size differs from the table's pp.
+    ValueError: the stage axis size differs from the table's pp, or an unknown transfer.
   """
+  if transfer not in TRANSFERS:
+    raise ValueError(f"pipeline.transfer={transfer!r}; allowed: {', '.join(TRANSFERS)}")
   pp, n_dir, per_dir = table.pp, table.directions, table.micro_batches_per_direction
   size = dict(jax.sharding.get_abstract_mesh().shape).get(stage_axis)
   if size != pp:
@@ -134,8 +172,8 @@ def execute(table: SlotTable, stage_fn: StageFn, stage_params, shared, *, act_sh
   chunks, consts = [stage_params], [stage_consts]
   if n_dir == 2:  # DualPipe: the copy of stage pp - 1 - r, from rank pp - 1 - r
     mirror = [(s, pp - 1 - s) for s in range(pp)]
-    chunks.append(jax.lax.ppermute(stage_params, stage_axis, mirror))
-    consts.append(jax.lax.ppermute(stage_consts, stage_axis, mirror))
+    chunks.append(_shift(stage_params, mirror, stage_axis, transfer))
+    consts.append(_shift(stage_consts, mirror, stage_axis, transfer))
   stage_of = lambda d: rank if d == 0 else pp - 1 - rank
   zeros = lambda n: jnp.zeros((n,) + tuple(act_shape), act_dtype)
   stats0 = []
@@ -246,8 +284,15 @@ def execute(table: SlotTable, stage_fn: StageFn, stage_params, shared, *, act_sh
     code = jnp.where(op == IDLE, 0, 1 + (op - 1) * n_dir + d)
     c, msg, tag = jax.lax.switch(code, branches, c, my)
     c = dict(c)
-    from_below = jax.lax.ppermute((msg, tag), stage_axis, up)
-    from_above = jax.lax.ppermute((msg, tag), stage_axis, down)
+    if transfer == "ppermute":
+      from_below = jax.lax.ppermute((msg, tag), stage_axis, up)
+      from_above = jax.lax.ppermute((msg, tag), stage_axis, down)
+    else:  # one gather serves both directions
+      g = jax.tree.map(lambda x: jax.lax.all_gather(x, stage_axis), (msg, tag))
+      pick = lambda i, ok: jax.tree.map(
+          lambda a: jnp.where(ok, jax.lax.dynamic_index_in_dim(
+              a, jnp.clip(i, 0, pp - 1), 0, keepdims=False), jnp.zeros_like(a[0])), g)
+      from_below, from_above = pick(rank - 1, rank > 0), pick(rank + 1, rank < pp - 1)
     c = receive(c, *from_below, my, "recv_up")
     c = receive(c, *from_above, my, "recv_down")
     return _vary(c), None
@@ -255,7 +300,7 @@ def execute(table: SlotTable, stage_fn: StageFn, stage_params, shared, *, act_sh
   carry, _ = jax.lax.scan(slot, carry, jnp.asarray(table.table))
   grads = carry["grads"][0]
   if n_dir == 2:  # the second copy's gradient back to the rank that owns that stage
-    back = jax.lax.ppermute(carry["grads"][1], stage_axis, [(s, pp - 1 - s) for s in range(pp)])
+    back = _shift(carry["grads"][1], [(s, pp - 1 - s) for s in range(pp)], stage_axis, transfer)
     grads = jax.tree.map(jnp.add, grads, back)
   return PipelineRun(stage_grads=grads, shared_grads=carry["shared_grads"],
                      sums=tuple(carry["sums"]), maxes=tuple(carry["maxes"]), idle=carry["idle"],

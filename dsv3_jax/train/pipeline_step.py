@@ -173,7 +173,7 @@ def make_pipeline_step_fns(graphdef, optimizer: optax.GradientTransformation,
                            model_cfg: ModelConfig, train_cfg, seq_len: int, mesh,
                            param_shardings, other_shardings, opt_shardings, *,
                            schedule: str, micro_batches: int, donate: bool = False,
-                           discard_overflow: bool = False) -> StepFns:
+                           discard_overflow: bool = False, transfer: str = "ppermute") -> StepFns:
   """The jitted train and eval steps of a split `Transformer` on a pipeline mesh.
 
   Args:
@@ -187,6 +187,8 @@ def make_pipeline_step_fns(graphdef, optimizer: optax.GradientTransformation,
     micro_batches: micro-batches per step (pipeline.micro_batches); the per-device batch
       (batch / data-parallel devices) must divide into them.
     donate, discard_overflow: as `make_step_fns`.
+    transfer: the stage transfer, "ppermute" or "all_gather" (`parallel.pipeline.execute`;
+      pipeline.transfer).
 
   Returns:
     `StepFns`: train_step(params, other, opt_state, window [B, S + 1 + D] int32, capacity) ->
@@ -203,6 +205,9 @@ def make_pipeline_step_fns(graphdef, optimizer: optax.GradientTransformation,
     raise ValueError(f"a pipeline step needs a mesh with a {STAGE_AXIS!r} axis "
                      "(parallel.mesh.make_pipeline_mesh); got axes {mesh.axis_names}")
   pp = int(mesh.shape[STAGE_AXIS])
+  if transfer not in pipeline_lib.TRANSFERS:
+    raise ValueError(f"pipeline.transfer={transfer!r}; allowed: "
+                     f"{', '.join(pipeline_lib.TRANSFERS)}")
   table: SlotTable = build_slot_table(schedule, pp, micro_batches)
   c = model_cfg
   depth, n_layers_moe = c.mtp_depth, c.num_hidden_layers - c.first_k_dense_replace
@@ -298,7 +303,7 @@ def make_pipeline_step_fns(graphdef, optimizer: optax.GradientTransformation,
     run = pipeline_lib.execute(
         table, stage_fn, local(stage_p), shared_p, act_shape=(bm, seq_len, c.hidden_size),
         act_dtype=act_dtype, loss_scale=1.0 / (n_dp * micro_batches),
-        stage_consts=local(stage_o), shared_consts=shared_o)
+        stage_consts=local(stage_o), shared_consts=shared_o, transfer=transfer)
     # Gradients: summed over the data-parallel devices that hold the same parameters (experts
     # are sharded over (node, gpu): only over the axes outside their spec), shared ones also
     # over the stages (only the first and last contribute).
