@@ -35,7 +35,9 @@ import jax
 import numpy as np
 
 from dsv3_jax.infer import cache as cache_lib
-from dsv3_jax.infer.engine import Engine, _buckets, _pick, _pow2_buckets, _Sequence
+from dsv3_jax.infer.buckets import check_buckets, pick_bucket, pow2_buckets
+from dsv3_jax.infer.engine import Engine
+from dsv3_jax.infer.requests import RunningSequence
 from dsv3_jax.infer.steps import StepFunctions, for_mesh
 from dsv3_jax.model.config import ModelConfig
 from dsv3_jax.model.transformer import Transformer
@@ -223,9 +225,9 @@ class DisaggregatedEngine(Engine):
     self.prefill_spec = cache_lib.CacheSpec.for_model(
         c, pages_per_shard=prefill_num_pages, page_size=self.spec.page_size,
         dtype=self.spec.dtype, num_shards=n_pre)
-    self.prefill_batch_buckets = _buckets(
+    self.prefill_batch_buckets = check_buckets(
         "prefill_batch_buckets", prefill_batch_buckets,
-        _pow2_buckets(1, self.prefill_slots_per_shard), self.prefill_slots_per_shard)
+        pow2_buckets(1, self.prefill_slots_per_shard), self.prefill_slots_per_shard)
     self.prefill_model = for_mesh(model, prefill_mesh, prefill_config)
     self.prefill_steps = StepFunctions(self.prefill_model, self.prefill_spec, prefill_mesh,
                                        kwargs.get("moe_kernel", "serving"),
@@ -278,7 +280,7 @@ class DisaggregatedEngine(Engine):
     return super()._check(ids, max_new_tokens, sampling, stop_tokens)
 
   # -- prefill on the prefill mesh, then the move
-  def _prefill_wave(self, seqs: list[_Sequence]):
+  def _prefill_wave(self, seqs: list[RunningSequence]):
     """Places the head of `seqs` on prefill devices (slots and pages permitting, FIFO).
 
     Returns ([(seq, prefill shard, prefill pages)], the sequences left for the next wave)."""
@@ -295,16 +297,16 @@ class DisaggregatedEngine(Engine):
       placed.append((s, k, [self.prefill_allocators[k].allocate() for _ in range(need)]))
     return placed, []
 
-  def _prefill(self, seqs: list[_Sequence], events: list) -> None:
+  def _prefill(self, seqs: list[RunningSequence], events: list) -> None:
     while seqs:
       placed, seqs = self._prefill_wave(seqs)
       self._prefill_placed(placed, events)
 
   def _prefill_placed(self, placed, events: list) -> None:
     per = collections.Counter(k for _, k, _ in placed)
-    b = _pick(max(per.values()), self.prefill_batch_buckets)
+    b = pick_bucket(max(per.values()), self.prefill_batch_buckets)
     n = b * self.prefill_spec.num_shards
-    s_len = _pick(max(len(s.prompt) for s, _, _ in placed), self.prompt_buckets)
+    s_len = pick_bucket(max(len(s.prompt) for s, _, _ in placed), self.prompt_buckets)
     tokens = np.zeros((n, s_len), np.int32)
     lens = np.zeros((n,), np.int32)
     table = np.zeros((n, self.spec.pages_for(s_len)), np.int32)

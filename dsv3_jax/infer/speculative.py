@@ -421,10 +421,3 @@ class SpeculativeDecoder:
     """Drops the draft state of sequences that are no longer running."""
     for rid in [i for i in self._state if i not in engine._running]:
       del self._state[rid]
-
-
-def _pick(n: int, buckets) -> int:
-  for b in buckets:
-    if b >= n:
-      return b
-  return n
