@@ -34,7 +34,7 @@ the activation memory of Table 2.
 
 Stage transfer (`transfer`). "ppermute" (default) moves each message with `lax.ppermute`: the
 fewest bytes (one message per direction). On XLA:CPU + gloo a ppermute's communicator spans
-every device of the program even over a 16-member axis (/work/shared/NOTES-2048.md), which at
+every device of the program even over a 16-member axis (NOTES-2048.md in the shared reference folder), which at
 2048 devices cannot fit the open-file limit. "all_gather" moves the same message with one
 `lax.all_gather` over the stage axis (a group of pp members only) and each rank keeps the
 entry of its neighbour (rank - 1 for the upward message, rank + 1 for the downward one; the
