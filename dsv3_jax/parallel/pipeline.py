@@ -130,6 +130,23 @@ def _shift(tree, perm, stage_axis: str, transfer: str):
   return jax.tree.map(leaf, tree)
 
 
+def exchange_neighbours(tree, stage_axis: str, transfer: str):
+  """Every stage rank's `tree` to both neighbours: (from the rank below, from the rank
+  above), zeros where there is no such rank (rank 0 below, rank pp - 1 above). "ppermute":
+  two ppermutes (one per direction); "all_gather": one all_gather over the stage axis serves
+  both. The same values either way (tests/parallel/test_pipeline_transfer.py)."""
+  pp = dict(jax.sharding.get_abstract_mesh().shape)[stage_axis]
+  if transfer == "ppermute":
+    return (jax.lax.ppermute(tree, stage_axis, [(r, r + 1) for r in range(pp - 1)]),
+            jax.lax.ppermute(tree, stage_axis, [(r + 1, r) for r in range(pp - 1)]))
+  rank = jax.lax.axis_index(stage_axis)
+  g = jax.tree.map(lambda x: jax.lax.all_gather(x, stage_axis), tree)
+  pick = lambda i, ok: jax.tree.map(
+      lambda a: jnp.where(ok, jax.lax.dynamic_index_in_dim(
+          a, jnp.clip(i, 0, pp - 1), 0, keepdims=False), jnp.zeros_like(a[0])), g)
+  return pick(rank - 1, rank > 0), pick(rank + 1, rank < pp - 1)
+
+
 def _tag(kind: int, direction, micro_batch, per_direction: int):
   """Unique positive int32 per (kind, direction, micro-batch)."""
   return 1 + (kind * 2 + direction) * per_direction + micro_batch
@@ -265,9 +282,6 @@ def execute(table: SlotTable, stage_fn: StageFn, stage_params, shared, *, act_sh
 
   branches = ([idle] + [fwd(d) for d in range(n_dir)] + [bwd_input(d) for d in range(n_dir)]
               + [bwd_weight(d) for d in range(n_dir)])
-  up = [(r, r + 1) for r in range(pp - 1)]
-  down = [(r + 1, r) for r in range(pp - 1)]
-
   def receive(c, msg, tag, my, side):
     kind, entry = my[COL[side]], my[COL[side + "_entry"]]
     d, m = my[COL[side + "_direction"]], my[COL[side + "_micro_batch"]]
@@ -284,15 +298,7 @@ def execute(table: SlotTable, stage_fn: StageFn, stage_params, shared, *, act_sh
     code = jnp.where(op == IDLE, 0, 1 + (op - 1) * n_dir + d)
     c, msg, tag = jax.lax.switch(code, branches, c, my)
     c = dict(c)
-    if transfer == "ppermute":
-      from_below = jax.lax.ppermute((msg, tag), stage_axis, up)
-      from_above = jax.lax.ppermute((msg, tag), stage_axis, down)
-    else:  # one gather serves both directions
-      g = jax.tree.map(lambda x: jax.lax.all_gather(x, stage_axis), (msg, tag))
-      pick = lambda i, ok: jax.tree.map(
-          lambda a: jnp.where(ok, jax.lax.dynamic_index_in_dim(
-              a, jnp.clip(i, 0, pp - 1), 0, keepdims=False), jnp.zeros_like(a[0])), g)
-      from_below, from_above = pick(rank - 1, rank > 0), pick(rank + 1, rank < pp - 1)
+    from_below, from_above = exchange_neighbours((msg, tag), stage_axis, transfer)
     c = receive(c, *from_below, my, "recv_up")
     c = receive(c, *from_above, my, "recv_down")
     return _vary(c), None

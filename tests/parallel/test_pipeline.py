@@ -59,7 +59,7 @@ def _reference():
   return c, mc, graphdef, host, window, jax.device_get((p, o, m)), model
 
 
-def _pipelined(schedule, stages, micro_batches):
+def _pipelined(schedule, stages, micro_batches, transfer="ppermute"):
   c, mc, graphdef, (params, other), window, _, model = _reference()
   mesh = make_pipeline_mesh(stages, 2, 2)
   psh, osh = state_shardings(params, mesh), state_shardings(other, mesh)
@@ -69,18 +69,21 @@ def _pipelined(schedule, stages, micro_batches):
   fns = pipeline_step.make_pipeline_step_fns(
       graphdef, opt, mc, c.train, SEQ, mesh, psh, osh,
       jax.tree.map(lambda x: x.sharding, opt_state), schedule=schedule,
-      micro_batches=micro_batches)
+      micro_batches=micro_batches, transfer=transfer)
   cap = model.layers[1].mlp.worst_case_capacity(BATCH * SEQ // micro_batches)
   w = jax.device_put(window, NamedSharding(mesh, P(mesh.axis_names[1:])))
   p, o, _, m = fns.train_step(params, other, opt_state, w, cap)
   return jax.device_get((p, o, m))
 
 
-@pytest.mark.parametrize("schedule,stages,micro_batches", [
-    ("1F1B", 2, 4), ("DualPipe", 2, 4), ("1F1B", 4, 4), ("DualPipe", 4, 8)])
-def test_pipelined_step_equals_unpipelined(schedule, stages, micro_batches):
+@pytest.mark.parametrize("schedule,stages,micro_batches,transfer", [
+    ("1F1B", 2, 4, "ppermute"), ("DualPipe", 2, 4, "ppermute"), ("1F1B", 4, 4, "ppermute"),
+    ("DualPipe", 4, 8, "ppermute"),
+    # the stage-axis-only transfer (test_pipeline_transfer.py: its primitives equal ppermute's)
+    ("DualPipe", 2, 4, "all_gather")])
+def test_pipelined_step_equals_unpipelined(schedule, stages, micro_batches, transfer):
   _, _, _, (p0, _), _, (p_ref, o_ref, m_ref), _ = _reference()
-  p, o, m = _pipelined(schedule, stages, micro_batches)
+  p, o, m = _pipelined(schedule, stages, micro_batches, transfer)
   grad = lambda new: jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), p0, new)
   g_ref, g = grad(p_ref), grad(p)
   diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), g_ref, g))
@@ -111,6 +114,8 @@ def test_bad_pipeline_settings():
     make(mc, schedule="1F1B", micro_batches=1)
   with pytest.raises(ValueError, match="pipeline.schedule='GPipe'"):
     make(mc, schedule="GPipe", micro_batches=4)
+  with pytest.raises(ValueError, match="pipeline.transfer='psum'; allowed: ppermute, all_gather"):
+    make(mc, schedule="1F1B", micro_batches=4, transfer="psum")
   odd = ModelConfig.from_dict(_cfg(layers=4).model.to_dict())  # 3 MoE layers on 2 stages
   with pytest.raises(ValueError, match="mesh.stages=2 must divide the model's MoE layers"):
     make(odd, schedule="1F1B", micro_batches=4)
