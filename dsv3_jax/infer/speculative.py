@@ -54,7 +54,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dsv3_jax.infer import cache as cache_lib
-from dsv3_jax.infer.steps import StepFunctions
+from dsv3_jax.infer.steps import StepFunctions, serving_jit
 from dsv3_jax.model.config import ModelConfig
 from dsv3_jax.model.rope import rope_cos_sin
 
@@ -118,8 +118,8 @@ class SpeculativeSteps:
     mesh = steps.mesh
     self._generate_fns = {}
     if mesh is None:
-      self._prefill = jax.jit(self._prefill_local, donate_argnums=(1, 2))
-      self._wrap = lambda fn, n_in: jax.jit(fn, donate_argnums=(1, 2))
+      self._prefill = serving_jit(self._prefill_local, donate_argnums=(1, 2))
+      self._wrap = lambda fn, n_in: serving_jit(fn, donate_argnums=(1, 2))
     else:
       from dsv3_jax.parallel.mesh import state_shardings
       axes = tuple(mesh.axis_names)
@@ -135,7 +135,7 @@ class SpeculativeSteps:
       def wrap(fn, n_in):
         sm = jax.shard_map(fn, mesh=mesh, in_specs=(st_spec, main_specs, mtp_specs)
                            + (rows,) * n_in, out_specs=rows)
-        return jax.jit(sm, donate_argnums=(1, 2),
+        return serving_jit(sm, donate_argnums=(1, 2),
                        in_shardings=(st_sh, main_sh, mtp_sh) + (batch,) * n_in)
 
       self._wrap = wrap

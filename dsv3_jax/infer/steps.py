@@ -32,6 +32,22 @@ from dsv3_jax.model.config import ModelConfig
 from dsv3_jax.model.rope import rope_cos_sin
 from dsv3_jax.model.transformer import Transformer
 
+# ---------------------------------------------------------------------------- compilation
+
+# XLA:CPU options of every serving program: YNNPACK for the dots only. XLA:CPU's default also
+# hands reductions (and some elementwise fusions) to YNNPACK, which is slow at decode sizes:
+# the softmax max / sum over [32, 8, 256] scores took longer than the score product itself.
+# Measured by experiments/serving.py (results/serving.md); a no-op on other backends.
+SERVING_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+
+
+def serving_jit(fn, **kwargs):
+  """`jax.jit(fn, **kwargs)` compiled with `SERVING_CPU_OPTIONS` on a CPU backend."""
+  if jax.default_backend() == "cpu":
+    kwargs.setdefault("compiler_options", SERVING_CPU_OPTIONS)
+  return jax.jit(fn, **kwargs)
+
+
 # ---------------------------------------------------------------------------- placement
 
 
@@ -105,11 +121,11 @@ class StepFunctions:
     self.inv_freq = jnp.asarray(model.rope_inv_freq, jnp.float32)
     self.rope_scale = model.rope_attention_scaling
     if mesh is None:
-      self.prefill = jax.jit(self._prefill_local, donate_argnums=(1,))
-      self.decode = jax.jit(self._decode_local, donate_argnums=(1,))
+      self.prefill = serving_jit(self._prefill_local, donate_argnums=(1,))
+      self.decode = serving_jit(self._decode_local, donate_argnums=(1,))
       self.pool_sharding = None
-      self.sample = jax.jit(self._sample)
-      self._generate = jax.jit(
+      self.sample = serving_jit(self._sample)
+      self._generate = serving_jit(
           lambda state, pools, *args: self._generate_local(
               state, pools, *args[:9], n_steps=args[9], sampled=args[10], want_logits=args[11]),
           donate_argnums=(1,), static_argnums=(11, 12, 13))
@@ -135,13 +151,13 @@ class StepFunctions:
                           out_specs=(rows, rows, pool_specs))
       batch = NamedSharding(mesh, rows)
       pools_sh = (self.pool_sharding,) * spec.num_layers
-      self.prefill = jax.jit(pre, donate_argnums=(1,),
+      self.prefill = serving_jit(pre, donate_argnums=(1,),
                              in_shardings=(st_sh, pools_sh) + (batch,) * 3,
                              out_shardings=(batch, batch, pools_sh))
-      self.decode = jax.jit(dec, donate_argnums=(1,),
+      self.decode = serving_jit(dec, donate_argnums=(1,),
                             in_shardings=(st_sh, pools_sh) + (batch,) * 4,
                             out_shardings=(batch, batch, pools_sh))
-      self.sample = jax.jit(self._sample, in_shardings=(batch,) * 6, out_shardings=batch)
+      self.sample = serving_jit(self._sample, in_shardings=(batch,) * 6, out_shardings=batch)
 
       def gen(state, pools, *args):
         fn = functools.partial(self._generate_local, n_steps=args[9], sampled=args[10],
@@ -149,7 +165,7 @@ class StepFunctions:
         return jax.shard_map(fn, mesh=mesh, in_specs=(st_spec, pool_specs) + (rows,) * 9,
                              out_specs=(rows, rows, pool_specs))(state, pools, *args[:9])
 
-      self._generate = jax.jit(gen, donate_argnums=(1,), static_argnums=(11, 12, 13),
+      self._generate = serving_jit(gen, donate_argnums=(1,), static_argnums=(11, 12, 13),
                                in_shardings=(st_sh, pools_sh) + (batch,) * 9,
                                out_shardings=(batch, batch, pools_sh))
       self.state = jax.device_put(self.state, st_sh)
