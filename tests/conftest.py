@@ -23,6 +23,21 @@ if "jax" not in sys.modules:
   flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(_flag))
   os.environ["XLA_FLAGS"] = f"{flags} {_flag}={N_DEVICES}".strip()
 
+# One persistent compilation cache for the whole run, shared by the xdist workers and every
+# subprocess they start (the variables are inherited): a program compiled once (the same
+# config's train step in the CLI runs, a resumed run, a rebuilt engine) is loaded, not compiled
+# again; the executables, and so the numbers, are the same. It starts empty on every run (the
+# controller, or the only process under -n 0, clears it before any worker starts), so the
+# suite's time is that of a cold machine. JAX_COMPILATION_CACHE_DIR set by the caller wins.
+JIT_CACHE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                             ".pytest_cache", "jax_compilation_cache")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  if "PYTEST_XDIST_WORKER" not in os.environ:
+    import shutil
+    shutil.rmtree(JIT_CACHE_DIR, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = JIT_CACHE_DIR
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+
 # The files that took longest in a full `make test` (the command in README, Tests), longest
 # first. Only the order in which the xdist workers take files depends on it.
 LONG_FILES = (

@@ -22,27 +22,6 @@ def _tiny_cfg(tmp_path, **train):
       **dict(steps=4, warmup_steps=1, log_every=1, eval_every=4, checkpoint_every=2), **train})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-  """A persistent compilation cache for this module: runs of the same config (the finished
-  run, its resumes) load the programs compiled by the first instead of compiling them again
-  (same executables, same numbers). The previous settings come back afterwards."""
-  import jax
-  from jax._src import compilation_cache as cc
-
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-           "jax_persistent_cache_min_entry_size_bytes")
-  before = {n: getattr(jax.config, n) for n in names}
-  jax.config.update(names[0], str(tmp_path_factory.mktemp("jax_cache")))
-  jax.config.update(names[1], 0.0)
-  jax.config.update(names[2], 0)
-  cc.reset_cache()
-  yield
-  for n, v in before.items():
-    jax.config.update(n, v)
-  cc.reset_cache()
-
-
 def _strict(text: str):
   """json.loads that rejects NaN / Infinity (as strict parsers do)."""
   def bad(token):
