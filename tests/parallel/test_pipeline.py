@@ -77,10 +77,10 @@ def _pipelined(schedule, stages, micro_batches, transfer="ppermute"):
 
 
 @pytest.mark.parametrize("schedule,stages,micro_batches,transfer", [
-    ("1F1B", 2, 4, "ppermute"), ("DualPipe", 2, 4, "ppermute"), ("1F1B", 4, 4, "ppermute"),
-    ("DualPipe", 4, 8, "ppermute"),
-    # the stage-axis-only transfer (test_pipeline_transfer.py: its primitives equal ppermute's)
-    ("DualPipe", 2, 4, "all_gather")])
+    # DualPipe PP2 with the stage-axis-only transfer (its primitives equal ppermute's bit for
+    # bit: test_pipeline_transfer.py), the others with ppermute
+    ("1F1B", 2, 4, "ppermute"), ("DualPipe", 2, 4, "all_gather"), ("1F1B", 4, 4, "ppermute"),
+    ("DualPipe", 4, 8, "ppermute")])
 def test_pipelined_step_equals_unpipelined(schedule, stages, micro_batches, transfer):
   _, _, _, (p0, _), _, (p_ref, o_ref, m_ref), _ = _reference()
   p, o, m = _pipelined(schedule, stages, micro_batches, transfer)
