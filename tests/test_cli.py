@@ -23,6 +23,15 @@ def test_bad_config_exits_with_a_message_and_writes_nothing(tmp_path):
   assert not work.exists()
 
 
+def test_a_mesh_size_below_one_is_refused_before_jax_starts(tmp_path):
+  work = tmp_path / "run"
+  r = _run([f"--config={ROOT}/configs/tiny.py", "--config.mesh.nodes=0",
+            f"--config.train.workdir={work}"], tmp_path)
+  assert r.returncode == 2
+  assert r.stderr.strip() == "dsv3-train: error: mesh.nodes must be a positive integer, got 0"
+  assert not work.exists()
+
+
 def test_main_job_config_runs_on_32_emulated_devices_on_a_data_folder_from_the_command_line(
     tmp_path):
   import sysconfig

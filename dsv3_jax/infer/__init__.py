@@ -5,15 +5,28 @@ prefill/decode disaggregation, two-batch overlap, MTP speculative decoding, requ
 `dsv3-generate` is the command-line front end (`infer.cli`).
 """
 
-from dsv3_jax.infer.cache import (CacheFullError, CacheSpec, PageAllocator, bytes_per_token,
-                                  init_pools)
-from dsv3_jax.infer.disaggregated import DisaggregatedEngine, disaggregated_meshes
-from dsv3_jax.infer.engine import Completion, Engine, Event
-from dsv3_jax.infer.steps import StepFunctions, for_mesh
-from dsv3_jax.infer.sampling import SamplingParams, sample
+import importlib
 
-__all__ = [
-    "CacheFullError", "CacheSpec", "PageAllocator", "bytes_per_token", "init_pools",
-    "Completion", "DisaggregatedEngine", "disaggregated_meshes", "Engine", "Event",
-    "StepFunctions", "for_mesh", "SamplingParams", "sample",
-]
+# Names resolved on first use (PEP 562), so that importing the package (or `infer.cli`) does not
+# import jax: `dsv3-generate` sets the emulated device count before jax starts.
+_WHERE = {
+    "CacheFullError": "cache", "CacheSpec": "cache", "PageAllocator": "cache",
+    "bytes_per_token": "cache", "init_pools": "cache",
+    "DisaggregatedEngine": "disaggregated", "disaggregated_meshes": "disaggregated",
+    "Completion": "engine", "Engine": "engine", "Event": "engine",
+    "StepFunctions": "steps", "for_mesh": "steps",
+    "SamplingParams": "sampling", "sample": "sampling",
+}
+__all__ = list(_WHERE)
+
+
+def __getattr__(name):
+  if name not in _WHERE:
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+  value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+  globals()[name] = value
+  return value
+
+
+def __dir__():
+  return sorted(list(globals()) + __all__)

@@ -12,6 +12,7 @@ names the step and the newest checkpoint, which a rerun resumes from).
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from typing import Optional
@@ -50,7 +51,12 @@ def main(argv) -> None:
     memory.configure_malloc()
   os.environ["XLA_FLAGS"] = memory.xla_flags(os.environ.get("XLA_FLAGS", ""))
   phases = memory.PhaseLog()
-  set_host_device_count(cfg.mesh.nodes * cfg.mesh.gpus_per_node * cfg.mesh.get("stages", 1))
+  sizes = {f"mesh.{k}": cfg.mesh.get(k, 1) for k in ("nodes", "gpus_per_node", "stages")}
+  for name, v in sizes.items():  # (the trainer checks the rest; this product starts jax)
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+      print(f"dsv3-train: error: {name} must be a positive integer, got {v!r}", file=sys.stderr)
+      sys.exit(2)
+  set_host_device_count(math.prod(sizes.values()))
   from dsv3_jax.train import trainer  # imports jax with the device count in place
 
   phases.mark("imports")

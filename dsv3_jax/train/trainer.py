@@ -104,6 +104,9 @@ def validate(cfg, log: Optional[Callable[[str], None]] = None) -> ModelConfig:
   EPTopology(n_nodes=ep_nodes, gpus_per_node=gpus).validate(model_cfg.n_routed_experts,
                                                             model_cfg.n_group)
   t = cfg.train
+  if os.path.exists(t.workdir) and not os.path.isdir(t.workdir):
+    raise ValueError(f"train.workdir={t.workdir!r} exists and is not a directory; allowed: a "
+                     "new path or a run's directory")
   for name in ("batch_size", "steps", "log_every", "eval_every", "checkpoint_every"):
     v = t[name]
     if not isinstance(v, int) or v < 1:

@@ -25,6 +25,21 @@ def test_generate_from_a_hugging_face_checkpoint_prints_the_greedy_completion(ca
   assert "12 tokens" in capsys.readouterr().err
 
 
+def test_a_fresh_dsv3_generate_sets_up_its_own_mesh():
+  # A new process with no XLA_FLAGS: the command emulates the --nodes x --gpus-per-node devices
+  # itself (importing infer.cli must not start jax) and prints the reference's greedy tokens.
+  import subprocess
+  import sys
+  ref = np.load(os.path.join(REF, "generation.npz"))
+  prompt, tokens = ref["prompt_1"], ref["tokens_1"][:8]
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  out = subprocess.run([sys.executable, "-m", "dsv3_jax.infer.cli", "--hf", REF, "--prompt-ids",
+                        ",".join(map(str, prompt)), "--max-new-tokens", "8", "--nodes", "4",
+                        "--gpus-per-node", "2"], env=env, capture_output=True, timeout=600)
+  assert out.returncode == 0, out.stderr.decode()[-2000:]
+  assert out.stdout.decode() == bytes(tokens.tolist()).decode("utf-8", errors="replace") + "\n"
+
+
 @pytest.mark.parametrize("args,match", [
     (["--prompt", ""], "--prompt is empty"),
     (["--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens must be a positive"),

@@ -75,6 +75,15 @@ def test_bad_settings_are_refused_before_anything_is_written(tmp_path, section, 
   assert not os.path.exists(tmp_path / "run")
 
 
+def test_a_workdir_that_is_a_file_is_refused_and_left_alone(tmp_path):
+  cfg = _tiny_cfg(tmp_path)
+  path = tmp_path / "run"
+  path.write_text("notes")
+  with pytest.raises(ValueError, match=r"train.workdir=.* exists and is not a directory"):
+    trainer.train(cfg, **QUIET)
+  assert path.read_text() == "notes"
+
+
 def test_warmup_longer_than_the_run_warns():
   cfg = tiny.get_config()
   cfg.train.steps, cfg.train.warmup_steps = 10, 50
