@@ -88,6 +88,7 @@ class _Job:
   initial_capacity: tuple[int, ...]
   state: dict  # {"params", "other", "opt_state"}: the checkpointed pytrees
   processes: int = 1  # jax.process_count()
+  data_fingerprint: Optional[dict] = None  # resume.data_fingerprint of the corpus
 
 
 class TrainingStopped(RuntimeError):

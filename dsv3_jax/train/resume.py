@@ -13,6 +13,7 @@ change freely. After a crash `metrics.jsonl` is cut back to the resumed step
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 from typing import Any, Optional
@@ -26,6 +27,7 @@ NEUTRAL = frozenset({
     "data.eval_sequences",
 })
 HISTORY = "run_history.jsonl"
+DATA = "data.json"  # the fingerprint of the text the checkpoints were trained on
 # Settings added after runs were already written: a stored config.json without one of them
 # trained with its value here (the behaviour before the setting existed), so resuming such a run
 # with that value is no change.
@@ -100,6 +102,66 @@ def check(cfg, workdir: str) -> dict[str, tuple[Any, Any]]:
         "--config.train.allow_config_change=True to continue with the new ones (recorded in "
         f"{os.path.join(workdir, HISTORY)})")
   return changes
+
+
+def data_fingerprint(corpus) -> dict[str, Any]:
+  """What a run reads, for the resume contract: the split, the number of files and bytes on
+  each side, and a sha256 over both byte streams (`data.Corpus`), so that a file added to,
+  removed from or edited under data.paths is seen even when the setting is unchanged."""
+  h = hashlib.sha256()
+  h.update(memoryview(corpus.train).tobytes())
+  h.update(b"\0heldout\0")
+  h.update(memoryview(corpus.heldout).tobytes())
+  return dict(split=corpus.split, train_files=int(corpus.n_train_files),
+              heldout_files=int(corpus.n_heldout_files), train_bytes=int(len(corpus.train)),
+              heldout_bytes=int(len(corpus.heldout)), sha256=h.hexdigest())
+
+
+def _describe(fp: dict) -> str:
+  return (f"{fp.get('train_files')} train / {fp.get('heldout_files')} held-out files, "
+          f"{fp.get('train_bytes')} / {fp.get('heldout_bytes')} bytes, split "
+          f"{fp.get('split')}, sha256 {str(fp.get('sha256'))[:12]}")
+
+
+def check_data(cfg, workdir: str, fingerprint: dict) -> dict[str, tuple[Any, Any]]:
+  """Compares the text this run reads (`data_fingerprint`) with `<workdir>/data.json` when the
+  workdir holds a checkpoint (a run written before data.json existed is not checked).
+
+  Returns:
+    {"data (the text read)": (stored, new)} when it changed and train.allow_config_change is
+    set (recorded like a config change), else {}.
+
+  Raises:
+    ValueError: the text changed (the held-out split may then hold text the checkpoints were
+      trained on) and train.allow_config_change is not set; nothing is written.
+  """
+  path = os.path.join(workdir, DATA)
+  if not (os.path.exists(path) and has_checkpoint(workdir)):
+    return {}
+  try:
+    with open(path) as f:
+      stored = json.load(f)
+  except (OSError, ValueError):
+    stored = {}
+  if stored == fingerprint:
+    return {}
+  old, new = _describe(stored), _describe(fingerprint)
+  if not cfg.train.get("allow_config_change", False):
+    raise ValueError(
+        f"resuming {workdir}: the text under data.paths is not the text its checkpoints were "
+        f"trained on ({old} -> {new}), so the held-out split may now hold trained-on text. "
+        "Restore the files, choose another train.workdir, or set "
+        "--config.train.allow_config_change=True to continue on the new text (recorded in "
+        f"{os.path.join(workdir, HISTORY)})")
+  return {"data (the text read)": (old, new)}
+
+
+def write_data(workdir: str, fingerprint: dict) -> None:
+  """Writes `<workdir>/data.json` (atomically)."""
+  path = os.path.join(workdir, DATA)
+  with open(path + ".tmp", "w") as f:
+    json.dump(fingerprint, f, indent=2)
+  os.replace(path + ".tmp", path)
 
 
 def record(workdir: str, step: int, changes: dict, event: str) -> None:

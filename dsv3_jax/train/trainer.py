@@ -186,7 +186,8 @@ def _load_data(cfg, model_cfg: ModelConfig, log):
                                   n=dcfg.eval_sequences)
   dataset = data_lib.train_dataset(corpus.train, seq_len=seq, extra=depth,
                                    batch_size=t.batch_size, seed=dcfg.seed)
-  return (h1, h2), windows, dataset
+  from dsv3_jax.train import resume
+  return (h1, h2), windows, dataset, resume.data_fingerprint(corpus)
 
 
 def _build(cfg, model_cfg: ModelConfig, log,
@@ -196,7 +197,7 @@ def _build(cfg, model_cfg: ModelConfig, log,
   from dsv3_jax.parallel.mesh import make_mesh, shard_model
 
   t, seq = cfg.train, cfg.data.seq_len
-  entropies, windows, dataset = _load_data(cfg, model_cfg, log)
+  entropies, windows, dataset, fingerprint = _load_data(cfg, model_cfg, log)
   mark("data")
   n_dev = cfg.mesh.nodes * cfg.mesh.gpus_per_node
   procs = jax.process_count()
@@ -279,7 +280,8 @@ def _build(cfg, model_cfg: ModelConfig, log,
       n_dev=n_dev, fns=fns, mesh=mesh, put=put, moe0=moe0, tokens_per_step=tokens_per_step,
       worst=moe0.worst_case_capacity(tokens_per_step) if moe0 else (1,),
       initial_capacity=moe0.initial_capacity(tokens_per_step) if moe0 else (1,),
-      state={"params": params, "other": other, "opt_state": opt_state}, processes=procs)
+      state={"params": params, "other": other, "opt_state": opt_state}, processes=procs,
+      data_fingerprint=fingerprint)
 
 
 def _damaged_anywhere(job: _Job, ckpt, step: int, err):
@@ -377,6 +379,7 @@ def train(cfg, *, progress: bool = True, log: Callable[[str], None] = print,
   changes = resume.check(cfg, t.workdir)  # refuses math changes before anything is written
   phases.mark("validate config")
   job = _build(cfg, model_cfg, log, phases.mark)
+  changes = {**changes, **resume.check_data(cfg, t.workdir, job.data_fingerprint)}
   primary = jax.process_index() == 0  # writes the run's files (every process checkpoints)
   sync("checked")  # every process has read config.json before process 0 rewrites it
   os.makedirs(t.workdir, exist_ok=True)
@@ -402,6 +405,7 @@ def train(cfg, *, progress: bool = True, log: Callable[[str], None] = print,
           "checkpoint resumed from, or garbled)")
     with open(os.path.join(t.workdir, "config.json"), "w") as f:
       f.write(cfg.to_json(indent=2))
+    resume.write_data(t.workdir, job.data_fingerprint)
   writer = MetricsWriter(t.workdir) if primary else _NoWriter()
   try:
     run = _loop(job, run0, start, ckpt, writer, progress=progress, log=log,
@@ -423,7 +427,7 @@ def load_trained(workdir: str, *, step: Optional[int] = None, mesh=None):
     (config ConfigDict, Transformer with the trained parameters and router biases, step).
 
   Raises:
-    FileNotFoundError: no config.json or no checkpoint in `workdir`.
+    FileNotFoundError: no config.json or no checkpoint in `workdir`, or none at `step`.
   """
   from ml_collections import config_dict
 
@@ -439,9 +443,15 @@ def load_trained(workdir: str, *, step: Optional[int] = None, mesh=None):
   graphdef, params, other = nnx.split(model, nnx.Param, ...)
   opt_state = make_optimizer(cfg.train).init(params)
   ckpt = Checkpointer(workdir, save_every=cfg.train.checkpoint_every)
-  step = ckpt.latest_step() if step is None else step
-  if step is None:
+  steps = ckpt.all_steps()
+  if not steps:
+    ckpt.close()
     raise FileNotFoundError(f"no checkpoint under {ckpt.directory}")
+  if step is not None and step not in steps:
+    ckpt.close()
+    raise FileNotFoundError(f"no checkpoint at step {step} under {ckpt.directory}; allowed "
+                            f"steps: {', '.join(map(str, steps))}")
+  step = steps[-1] if step is None else step
   state, _ = ckpt.restore(step, {"params": params, "other": other, "opt_state": opt_state})
   ckpt.close()
   return cfg, nnx.merge(graphdef, state["params"], state["other"]), step

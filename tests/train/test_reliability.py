@@ -215,6 +215,52 @@ def test_resuming_with_math_changes_is_refused_unless_opted_in_and_then_recorded
   assert json.loads((work / "config.json").read_text())["train"]["learning_rate"] == 1e-3
 
 
+def test_resuming_on_other_text_is_refused_unless_opted_in_and_then_recorded(trained_run,
+                                                                             tmp_path):
+  from dsv3_jax.train import resume
+
+  cfg, _, _ = trained_run
+  c, work = _copy_run(cfg, tmp_path)
+  stored = json.loads((work / resume.DATA).read_text())
+  assert stored["train_files"] > 0 and len(stored["sha256"]) == 64
+  # The same data.paths with other text under them: here the record of a run that read one
+  # byte more (as if a file had grown since the checkpoints were written).
+  other = dict(stored, train_bytes=stored["train_bytes"] - 1, sha256="0" * 64)
+  (work / resume.DATA).write_text(json.dumps(other))
+  before = {p: (work / p).read_bytes() for p in ("config.json", "metrics.jsonl", resume.DATA)}
+  with pytest.raises(ValueError, match=r"the text under data.paths is not the text its "
+                     r"checkpoints were trained on .*allow_config_change=True"):
+    trainer.train(c, **QUIET)
+  assert {p: (work / p).read_bytes() for p in before} == before  # nothing written
+  c.train.allow_config_change = True
+  trainer.train(c, **QUIET)  # finished: resumes, trains nothing
+  hist = resume.read_history(str(work))
+  assert list(hist[-1]["changes"]) == ["data (the text read)"]
+  assert json.loads((work / resume.DATA).read_text()) == stored
+
+
+def test_loading_a_step_without_a_checkpoint_names_the_steps_there(trained_run):
+  cfg, _, _ = trained_run
+  with pytest.raises(FileNotFoundError, match=r"no checkpoint at step 3 under .*; allowed "
+                     r"steps: 2, 4"):
+    trainer.load_trained(cfg.train.workdir, step=3)
+
+
+def test_the_data_fingerprint_sees_a_file_added_under_the_same_path(tmp_path):
+  from dsv3_jax.train import data as data_lib, resume
+
+  folder = tmp_path / "text"
+  folder.mkdir()
+  for i in range(3):
+    (folder / f"f{i}.txt").write_text(f"file {i}: " + "the quick brown fox " * 200)
+  fp = lambda: resume.data_fingerprint(data_lib.load_corpus((str(folder),), 0.05, window=66))
+  a = fp()
+  assert fp() == a  # deterministic
+  (folder / "f3.txt").write_text("one more file " * 100)
+  b = fp()
+  assert b["sha256"] != a["sha256"] and b["train_bytes"] > a["train_bytes"]
+
+
 def test_after_a_crash_metrics_have_one_row_per_step_and_resume_is_bit_identical(
     trained_run, tmp_path):
   from dsv3_jax.train.metrics import read_metrics
