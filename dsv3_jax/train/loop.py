@@ -57,12 +57,15 @@ def _link_bytes(metrics, moe, model_cfg: ModelConfig) -> dict[str, float]:
 def _eval_loss(fns: StepFns, params, other, windows: np.ndarray, batch_size: int,
                capacity, worst, put) -> float:
   """Held-out cross-entropy in nats per predicted byte (dropless: a batch whose loads exceed
-  `capacity` is recomputed at the worst-case capacity)."""
+  `capacity` is recomputed at the worst-case capacity, and so are the batches after it, which
+  then run at the worst case directly: held-out text tends to overflow the training capacity
+  in every batch once it does in one; same values, no second run per batch)."""
   total, count = 0.0, 0.0
   for i in range(0, len(windows) - batch_size + 1, batch_size):
     w = put(windows[i:i + batch_size])
     nats, n, needed = fns.eval_step(params, other, w, capacity)
-    if np.any(np.asarray(needed) > np.asarray(capacity)):
+    if capacity != worst and np.any(np.asarray(needed) > np.asarray(capacity)):
+      capacity = worst
       nats, n, _ = fns.eval_step(params, other, w, worst)
     total += float(nats)
     count += float(n)

@@ -177,3 +177,21 @@ def test_training_on_expert_parallel_groups_over_a_subset_of_nodes(tmp_path):
   cfg.mesh.ep_nodes = 3
   with pytest.raises(ValueError, match="mesh.ep_nodes=3 must be a positive divisor"):
     trainer.train(cfg, progress=False, log=lambda *_: None)
+
+
+def test_evaluation_reruns_an_overflowing_batch_once_then_stays_at_the_worst_case():
+  # A fake eval step: nats = batch sum, "needed" capacity 5 above the training capacity 4.
+  from dsv3_jax.train import loop
+  from dsv3_jax.train.step import StepFns
+
+  calls = []
+
+  def eval_step(params, other, w, capacity):
+    calls.append(capacity)
+    return float(w.sum()), float(w.size), (5,)
+
+  windows = np.arange(4 * 2 * 3, dtype=np.float64).reshape(8, 3)  # 4 batches of 2
+  fns = StepFns(train_step=None, eval_step=eval_step)
+  loss = loop._eval_loss(fns, None, None, windows, 2, (4,), (9,), lambda w: w)
+  assert calls == [(4,), (9,), (9,), (9,), (9,)]  # one rerun, not one per batch
+  assert loss == windows.sum() / windows.size
