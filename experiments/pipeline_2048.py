@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import sys
 import time
 
@@ -105,10 +106,11 @@ def build_and_compile(a) -> dict:
   colls = hlo.parse_hlo(compiled.as_text(), n_devices=mesh.size)
   axes = collectives_by_axis(colls, mesh)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
   return dict(devices=mesh.size, mesh=dict(mesh.shape), schedule=a.schedule,
               micro_batches=a.micro_batches, layers=mc.num_hidden_layers, experts=ep,
               batch=batch, seq_len=a.seq_len, params=n_params, build_s=build_s,
-              compile_s=compile_s, temp_bytes_per_device=int(mem.temp_size_in_bytes),
+              compile_s=compile_s, peak_rss_bytes=peak_rss, temp_bytes_per_device=int(mem.temp_size_in_bytes),
               argument_bytes_per_device=int(mem.argument_size_in_bytes), axes=axes)
 
 
@@ -122,8 +124,7 @@ def render(res: dict) -> None:
       {**{k: r[k] for k in fields}, "devices": res["devices"], "compile_s": res["compile_s"]}
       for r in rows])
   layout = " x ".join(f"{k} {v}" for k, v in res["mesh"].items())
-  inside = {"stage", "replica", "node", "gpu"}
-  wide = [r for r in rows if r["axes"] and len(set(r["axes"].split("+")) & inside) > 1]
+  wide = [r for r in rows if "+" in r["axes"]]  # groups spanning several mesh axes
   permutes = sum(r["count"] for r in rows if r["kind"] == "collective-permute")
   per_dev = res["temp_bytes_per_device"] + res["argument_bytes_per_device"]
   table = [[r["kind"], r["axes"] or "(none)", r["link"], f"{r['group_size']:,}",
@@ -137,10 +138,10 @@ def render(res: dict) -> None:
       f"routed experts (one per device of an EP group), {res['params']:,} parameters; "
       f"{res['schedule']} with {res['micro_batches']} micro-batches, the all_gather stage "
       f"transfer, two_hop dispatch, SGD; batch {res['batch']} x {res['seq_len']} tokens.", "",
-      R.md_table(["build + lower (s)", "compile (s)", "temp bytes / device",
-                  "argument bytes / device"],
+      R.md_table(["build + lower (s)", "compile (s)", "peak RSS of the process (GiB)",
+                  "temp bytes / device", "argument bytes / device"],
                  [[f"{res['build_s']:.1f}", f"{res['compile_s']:.1f}",
-                   f"{res['temp_bytes_per_device']:,}",
+                   f"{res['peak_rss_bytes'] / 2**30:.2f}", f"{res['temp_bytes_per_device']:,}",
                    f"{res['argument_bytes_per_device']:,}"]]), "",
       "Compiled collectives by the mesh axes their groups span (per device per call):", "",
       R.md_table(["kind", "axes", "link", "group size", "count", "operands",
@@ -159,8 +160,8 @@ def render(res: dict) -> None:
       "every device holds the whole model's gradients). Executing it needs the parameters and "
       "optimizer state kept in the stacked pipeline layout and sharded over `stage` (or "
       "unstacked inside shard_map with one-axis collectives).", "",
-      "Regenerate: `python experiments/pipeline_2048.py` (about a minute of compile on 2 "
-      "cores and a few GiB of memory)."]
+      "Regenerate: `python experiments/pipeline_2048.py` (build and compile times and the "
+      "process's peak memory above)."]
   with open(R.path("pipeline_2048", "md"), "w") as f:
     f.write("\n".join(md) + "\n")
   import matplotlib.pyplot as plt  # (the Agg backend: set by _report)
@@ -197,6 +198,7 @@ def main(argv=None) -> None:
   res = build_and_compile(a)
   render(res)
   print(f"{res['devices']} devices: build {res['build_s']:.1f} s, compile {res['compile_s']:.1f} s, "
+        f"peak RSS {res['peak_rss_bytes'] / 2**30:.2f} GiB, "
         f"temp {res['temp_bytes_per_device'] / 2**20:.1f} MiB / device")
   for r in res["axes"]:
     print(f"  {r['kind']:20s} {r['axes'] or '-':28s} group {r['group_size']:5d} "

@@ -36,13 +36,17 @@ from dsv3_jax.model.transformer import Transformer
 
 # XLA:CPU options of every serving program: YNNPACK for the dots only. XLA:CPU's default also
 # hands reductions (and some elementwise fusions) to YNNPACK, which is slow at decode sizes:
-# the softmax max / sum over [32, 8, 256] scores took longer than the score product itself.
-# Measured by experiments/serving.py (results/serving.md); a no-op on other backends.
+# in a profile of the batch-32 decode step the softmax max / sum over [32, 8, 256] scores took
+# longer than the score product itself, most on a loaded machine. The A/B against XLA's
+# defaults: experiments/serving.py (results/serving.md, "XLA:CPU options"). Not used on other
+# backends.
 SERVING_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 
 def serving_jit(fn, **kwargs):
-  """`jax.jit(fn, **kwargs)` compiled with `SERVING_CPU_OPTIONS` on a CPU backend."""
+  """`jax.jit(fn, **kwargs)`, with `compiler_options=SERVING_CPU_OPTIONS` on a CPU backend
+  unless `kwargs` sets compiler_options (the options are read here, when the program is
+  jitted)."""
   if jax.default_backend() == "cpu":
     kwargs.setdefault("compiler_options", SERVING_CPU_OPTIONS)
   return jax.jit(fn, **kwargs)

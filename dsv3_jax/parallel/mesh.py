@@ -29,6 +29,25 @@ MESH_AXES = (NODE_AXIS, GPU_AXIS)
 _FLAG = "--xla_force_host_platform_device_count"
 
 
+def mesh_device_count(mesh_cfg) -> int:
+  """Devices a mesh config needs: mesh.nodes x mesh.gpus_per_node x mesh.stages (stages 1 when
+  the config has none). Does not import jax: entry points call it before jax starts.
+
+  Args:
+    mesh_cfg: the config's `mesh` section (ConfigDict or dict).
+
+  Raises:
+    ValueError: a size that is not a positive integer, naming the setting.
+  """
+  n = 1
+  for key in ("nodes", "gpus_per_node", "stages"):
+    v = mesh_cfg.get(key, 1)
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+      raise ValueError(f"mesh.{key} must be a positive integer, got {v!r}")
+    n *= v
+  return n
+
+
 def set_host_device_count(n: int) -> None:
   """Makes the CPU backend expose `n` devices; must run before jax is imported.
 

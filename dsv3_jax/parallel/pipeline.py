@@ -34,10 +34,10 @@ the activation memory of Table 2.
 
 Stage transfer (`transfer`). "ppermute" (default) moves each message with `lax.ppermute`: the
 fewest bytes (one message per direction). On XLA:CPU + gloo a ppermute's communicator spans
-every device of the program even over a 16-member axis (NOTES-2048.md in the shared reference folder), which at
-2048 devices cannot fit the open-file limit. "all_gather" moves the same message with one
-`lax.all_gather` over the stage axis (a group of pp members only) and each rank keeps the
-entry of its neighbour (rank - 1 for the upward message, rank + 1 for the downward one; the
+every device of the program even over a 16-member axis (NOTES-2048.md in the shared
+reference folder), which at 2048 devices cannot fit the open-file limit. "all_gather" moves the
+same message with one `lax.all_gather` over the stage axis (a group of pp members only) and
+each rank keeps the entry of its neighbour (rank - 1 for the upward message, rank + 1 for the downward one; the
 DualPipe mirror exchange keeps entry pp - 1 - rank). Byte cost per slot and device: ppermute
 sends the message twice (up and down) = 2 x M bytes; all_gather receives (pp - 1) x M, i.e.
 (pp - 1) / 2 times as many (7.5x at pp = 16), and holds a [pp, *act_shape] buffer. The results
@@ -121,13 +121,13 @@ def _shift(tree, perm, stage_axis: str, transfer: str):
   for s, d in perm:
     src[d] = s
   me = jnp.asarray(src, jnp.int32)[jax.lax.axis_index(stage_axis)]
+  return _pick(jax.tree.map(lambda x: jax.lax.all_gather(x, stage_axis), tree), me)
 
-  def leaf(x):
-    g = jax.lax.all_gather(x, stage_axis)  # [pp, *x.shape]
-    pick = jax.lax.dynamic_index_in_dim(g, jnp.maximum(me, 0), 0, keepdims=False)
-    return jnp.where(me >= 0, pick, jnp.zeros_like(pick))
 
-  return jax.tree.map(leaf, tree)
+def _pick(gathered, src):
+  """Entry `src` (a traced stage rank; -1 = none: zeros) of every [pp, ...] leaf."""
+  return jax.tree.map(lambda a: jnp.where(src >= 0, jax.lax.dynamic_index_in_dim(
+      a, jnp.clip(src, 0, a.shape[0] - 1), 0, keepdims=False), jnp.zeros_like(a[0])), gathered)
 
 
 def exchange_neighbours(tree, stage_axis: str, transfer: str):
@@ -140,11 +140,8 @@ def exchange_neighbours(tree, stage_axis: str, transfer: str):
     return (jax.lax.ppermute(tree, stage_axis, [(r, r + 1) for r in range(pp - 1)]),
             jax.lax.ppermute(tree, stage_axis, [(r + 1, r) for r in range(pp - 1)]))
   rank = jax.lax.axis_index(stage_axis)
-  g = jax.tree.map(lambda x: jax.lax.all_gather(x, stage_axis), tree)
-  pick = lambda i, ok: jax.tree.map(
-      lambda a: jnp.where(ok, jax.lax.dynamic_index_in_dim(
-          a, jnp.clip(i, 0, pp - 1), 0, keepdims=False), jnp.zeros_like(a[0])), g)
-  return pick(rank - 1, rank > 0), pick(rank + 1, rank < pp - 1)
+  g = jax.tree.map(lambda x: jax.lax.all_gather(x, stage_axis), tree)  # one gather, both sides
+  return _pick(g, rank - 1), _pick(g, jnp.where(rank < pp - 1, rank + 1, -1))
 
 
 def _tag(kind: int, direction, micro_batch, per_direction: int):

@@ -12,7 +12,6 @@ names the step and the newest checkpoint, which a rerun resumes from).
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 from typing import Optional
@@ -42,7 +41,7 @@ def main(argv) -> None:
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
 
   cfg = flags.FLAGS.config
-  from dsv3_jax.parallel.mesh import set_host_device_count
+  from dsv3_jax.parallel.mesh import mesh_device_count, set_host_device_count
   from dsv3_jax.train import memory  # does not import jax
 
   # Before jax starts: XLA:CPU's memory-saving scheduler, and with DSV3_LOW_MEMORY=1 fewer glibc
@@ -51,12 +50,12 @@ def main(argv) -> None:
     memory.configure_malloc()
   os.environ["XLA_FLAGS"] = memory.xla_flags(os.environ.get("XLA_FLAGS", ""))
   phases = memory.PhaseLog()
-  sizes = {f"mesh.{k}": cfg.mesh.get(k, 1) for k in ("nodes", "gpus_per_node", "stages")}
-  for name, v in sizes.items():  # (the trainer checks the rest; this product starts jax)
-    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-      print(f"dsv3-train: error: {name} must be a positive integer, got {v!r}", file=sys.stderr)
-      sys.exit(2)
-  set_host_device_count(math.prod(sizes.values()))
+  try:
+    n_dev = mesh_device_count(cfg.mesh)  # before jax starts: the rest is checked by the trainer
+  except ValueError as e:
+    print(f"dsv3-train: error: {e}", file=sys.stderr)
+    sys.exit(2)
+  set_host_device_count(n_dev)
   from dsv3_jax.train import trainer  # imports jax with the device count in place
 
   phases.mark("imports")

@@ -18,6 +18,8 @@ import json
 import os
 from typing import Any, Optional
 
+import numpy as np
+
 from dsv3_jax.train import metrics as metrics_lib
 
 # Settings that change no number a training step computes.
@@ -105,13 +107,20 @@ def check(cfg, workdir: str) -> dict[str, tuple[Any, Any]]:
 
 
 def data_fingerprint(corpus) -> dict[str, Any]:
-  """What a run reads, for the resume contract: the split, the number of files and bytes on
-  each side, and a sha256 over both byte streams (`data.Corpus`), so that a file added to,
-  removed from or edited under data.paths is seen even when the setting is unchanged."""
+  """What a run reads, for the resume contract, so that a file added to, removed from or edited
+  under data.paths is seen even when the setting is unchanged.
+
+  Args:
+    corpus: a `data.Corpus` (uint8 train and held-out streams).
+
+  Returns:
+    {"split", "train_files", "heldout_files", "train_bytes", "heldout_bytes", "sha256"}:
+    JSON-ready; sha256 (hex) over the train stream, a separator, then the held-out stream.
+  """
   h = hashlib.sha256()
-  h.update(memoryview(corpus.train).tobytes())
+  h.update(np.ascontiguousarray(corpus.train))  # (the buffer itself, no copy)
   h.update(b"\0heldout\0")
-  h.update(memoryview(corpus.heldout).tobytes())
+  h.update(np.ascontiguousarray(corpus.heldout))
   return dict(split=corpus.split, train_files=int(corpus.n_train_files),
               heldout_files=int(corpus.n_heldout_files), train_bytes=int(len(corpus.train)),
               heldout_bytes=int(len(corpus.heldout)), sha256=h.hexdigest())
@@ -145,7 +154,8 @@ def check_data(cfg, workdir: str, fingerprint: dict) -> dict[str, tuple[Any, Any
     stored = {}
   if stored == fingerprint:
     return {}
-  old, new = _describe(stored), _describe(fingerprint)
+  old = _describe(stored) if stored else f"{path} unreadable"
+  new = _describe(fingerprint)
   if not cfg.train.get("allow_config_change", False):
     raise ValueError(
         f"resuming {workdir}: the text under data.paths is not the text its checkpoints were "

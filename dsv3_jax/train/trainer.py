@@ -42,6 +42,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from dsv3_jax.model.config import ModelConfig
 from dsv3_jax.model.transformer import Transformer
 from dsv3_jax.parallel.dispatch import EPTopology
+from dsv3_jax.parallel.mesh import mesh_device_count
 from dsv3_jax.train import integrity
 from dsv3_jax.train.loop import (TrainingStopped, _Job, _NoWriter, _Run,  # noqa: F401
                                  _checked, _loop, _summarize, grow_capacity)
@@ -77,10 +78,8 @@ def validate(cfg, log: Optional[Callable[[str], None]] = None) -> ModelConfig:
     raise ValueError(f"model.rope_theta must be a number > 0 (RoPE base), got {m.rope_theta!r}")
   if not _number(m.rms_norm_eps) or m.rms_norm_eps <= 0:
     raise ValueError(f"model.rms_norm_eps must be > 0, got {m.rms_norm_eps!r}")
+  mesh_device_count(cfg.mesh)  # every mesh size a positive integer
   nodes, gpus = cfg.mesh.nodes, cfg.mesh.gpus_per_node
-  for name, v in (("mesh.nodes", nodes), ("mesh.gpus_per_node", gpus)):
-    if not isinstance(v, int) or v < 1:
-      raise ValueError(f"{name} must be a positive integer, got {v!r}")
   n_dev = nodes * gpus
   have = jax.device_count()
   procs = jax.process_count()

@@ -180,7 +180,8 @@ def test_training_on_expert_parallel_groups_over_a_subset_of_nodes(tmp_path):
 
 
 def test_evaluation_reruns_an_overflowing_batch_once_then_stays_at_the_worst_case():
-  # A fake eval step: nats = batch sum, "needed" capacity 5 above the training capacity 4.
+  # A fake eval step: nats = batch sum, plus 1000 from a run at the training capacity 4 whose
+  # loads needed 5 (an overflowed result, which must be discarded).
   from dsv3_jax.train import loop
   from dsv3_jax.train.step import StepFns
 
@@ -188,7 +189,7 @@ def test_evaluation_reruns_an_overflowing_batch_once_then_stays_at_the_worst_cas
 
   def eval_step(params, other, w, capacity):
     calls.append(capacity)
-    return float(w.sum()), float(w.size), (5,)
+    return float(w.sum()) + (1000.0 if capacity == (4,) else 0.0), float(w.size), (5,)
 
   windows = np.arange(4 * 2 * 3, dtype=np.float64).reshape(8, 3)  # 4 batches of 2
   fns = StepFns(train_step=None, eval_step=eval_step)
