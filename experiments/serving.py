@@ -22,6 +22,9 @@ warm-up are counted (they must be 0). Cache bytes per token are read from the po
 set next to `analysis.memory.kv_cache_bytes_per_token`, for the tiny model and, built abstractly
 with jax.eval_shape, for DeepSeek-V3 671B.
 
+It also times batch 32 (decode steps 8) with the serving programs' XLA:CPU options against XLA's
+defaults, both engines in one process, alternately (`compare_cpu_options`).
+
     python experiments/serving.py [--repeats 5] [--decode-steps 1 8] [--workdir runs/orion_4x8]
 
 Writes results/serving.{md,csv,png}.
@@ -102,6 +105,40 @@ def measure(model, batch, decode_steps, prompt_len, new_tokens, repeats):
       prefill_tokens_per_s=batch * prompt_len / min(r["prefill_s"] for r in runs),
       warmup_s=warmup_s, compiles_in_warmup=sum(warm.values()), recompiles_after_warmup=recompiles,
       cache_bytes_per_token=engine.cache_bytes_per_token())
+
+
+def compare_cpu_options(model, batch, decode_steps, prompt_len, new_tokens, rounds):
+  """Decode ms per step with the serving programs' XLA:CPU options (`infer.steps.
+  SERVING_CPU_OPTIONS`: YNNPACK for dots only) against XLA's defaults, the two engines built in
+  this process and timed alternately (`rounds` generations each, after a warm-up one).
+
+  Returns:
+    {"serving" | "xla_default": {"min_ms", "median_ms"}, "same_tokens": bool}.
+  """
+  from dsv3_jax.infer import Engine
+  from dsv3_jax.infer import steps as steps_lib
+
+  prompts = _prompts(batch, prompt_len, model.config.vocab_size)
+  saved = dict(steps_lib.SERVING_CPU_OPTIONS)
+  engines = {}
+  for name in ("serving", "xla_default"):
+    if name == "xla_default":
+      steps_lib.SERVING_CPU_OPTIONS.clear()  # read when the engine's programs are jitted
+    try:
+      engines[name] = Engine(model, max_batch=batch, page_size=16, decode_steps=decode_steps)
+      engines[name].generate(prompts, max_new_tokens=new_tokens)  # compiles
+    finally:
+      steps_lib.SERVING_CPU_OPTIONS.update(saved)
+  times = {name: [] for name in engines}
+  tokens = {}
+  for _ in range(rounds):
+    for name, e in engines.items():
+      t0, n0 = e.timings["decode_s"], e.counts["decode_steps"]
+      tokens[name] = [o.tokens for o in e.generate(prompts, max_new_tokens=new_tokens)]
+      times[name].append(1e3 * (e.timings["decode_s"] - t0) / (e.counts["decode_steps"] - n0))
+  out = {name: dict(min_ms=min(v), median_ms=statistics.median(v)) for name, v in times.items()}
+  out["same_tokens"] = tokens["serving"] == tokens["xla_default"]
+  return out
 
 
 def measure_transformers(model, python, batches, prompt_len, new_tokens, repeats):
@@ -202,6 +239,11 @@ def main() -> None:
             f"{r['vs_pytorch_tokens_per_s']:.2f}x PyTorch's {ref_tps[batch]:,.0f}) | "
             f"prefill {r['prefill_tokens_per_s']:,.0f} tokens/s | compiles {r['compiles_in_warmup']}"
             f" in warm-up, {r['recompiles_after_warmup']} after | load {load:.1f}", flush=True)
+  load = os.getloadavg()[0]
+  ab = compare_cpu_options(model, 32, 8, args.prompt, args.new_tokens, args.repeats + 1)
+  print(f"batch 32 decode_steps 8, XLA:CPU options: serving {ab['serving']['min_ms']:.2f} ms/step "
+        f"(median {ab['serving']['median_ms']:.2f}), XLA default {ab['xla_default']['min_ms']:.2f} "
+        f"(median {ab['xla_default']['median_ms']:.2f}); same tokens: {ab['same_tokens']}")
   caches = cache_rows(model)
   for c in caches:
     print(f"cache {c['model']}: {c['measured_bytes']:,.0f} B/token from the pools, formula "
@@ -255,6 +297,17 @@ def main() -> None:
                  f"{best1['vs_pytorch_tokens_per_s']:.2f}x PyTorch's tokens/s (target < "
                  f"{ref_ms[1]:.2f} ms: {'met' if ok else 'not met'}; decode_steps "
                  f"{best1['decode_steps']})")
+  lines += [
+      "", "## XLA:CPU options of the serving programs", "",
+      "Every serving program is compiled with YNNPACK for dots only (`infer.steps."
+      "SERVING_CPU_OPTIONS`); XLA's default also gives it the reductions, slow at decode sizes. "
+      f"Batch 32, decode steps 8, the two engines timed alternately in this process, "
+      f"{args.repeats + 1} generations each (load {load:.1f} at the start):", "",
+      "| programs | ms per step, min | ms per step, median |", "|---|---:|---:|",
+      f"| serving options | {ab['serving']['min_ms']:.2f} | {ab['serving']['median_ms']:.2f} |",
+      f"| XLA default | {ab['xla_default']['min_ms']:.2f} | "
+      f"{ab['xla_default']['median_ms']:.2f} |", "",
+      f"Greedy tokens identical: {'yes' if ab['same_tokens'] else 'no'}."]
   lines += ["", "## Cache bytes per token", "",
             "Read from the pool arrays (`infer.cache.bytes_per_token`; the 671B pools built with "
             "jax.eval_shape, never allocated) next to `analysis.memory.kv_cache_bytes_per_token` "

@@ -38,8 +38,8 @@ from dsv3_jax.model.transformer import Transformer
 # hands reductions (and some elementwise fusions) to YNNPACK, which is slow at decode sizes:
 # in a profile of the batch-32 decode step the softmax max / sum over [32, 8, 256] scores took
 # longer than the score product itself, most on a loaded machine. The A/B against XLA's
-# defaults: experiments/serving.py (results/serving.md, "XLA:CPU options"). Not used on other
-# backends.
+# defaults is in experiments/serving.py (results/serving.md, "XLA:CPU options"); its gain is
+# within the noise of this shared machine (greedy tokens identical). Not used on other backends.
 SERVING_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 
