@@ -11,6 +11,14 @@ each other device; the excess is dropped and counted in the metrics. Byte-level 
 sequence; a dropless run (`--config.train.dropless=True`, capacity grown on overflow up to 256)
 moves up to 2.7x larger padded buffers through every all_to_all and costs ~1.5x per step here.
 
+Optimizer state: ZeRO-1 (`train.shard_optimizer_state`, train/zero1.py; the data parallelism
+DeepSeek-V3 trains with, report §3.2): each dense parameter's Adam moments are split over the 32
+devices that hold it (19.7 -> 3.5 MiB of optimizer state per device, results/zero1.md), which
+lowers `make train`'s peak resident memory at the same step time and the same losses
+(results/train_memory.md, "replicated optimizer" vs "shipped"). The price: the replica check (`train.sdc_check_every`) no longer
+sees a flipped bit in a moment or in a parameter copy that the next all-gather overwrites;
+`--config.train.shard_optimizer_state=False` restores the replicated state.
+
 Usage: make train   (= dsv3-train --config=configs/orion_4x8.py); ~10 min on 2 cores.
 """
 
@@ -27,6 +35,7 @@ def get_config():
   c.train.steps = 120
   c.train.warmup_steps = 12
   c.train.dropless = False
+  c.train.shard_optimizer_state = True  # ZeRO-1 (see above)
   c.train.log_every = 10
   c.train.eval_every = 60
   c.train.checkpoint_every = 30

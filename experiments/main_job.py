@@ -18,6 +18,11 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _fmt(value, spec: str) -> str:
+  """`value` formatted with `spec`, or "n/a" where the run did not record it (older runs)."""
+  return "n/a" if value is None else format(value, spec)
+
+
 def write_results(workdir: str, out_dir: str) -> str:
   """Tables and figure from <workdir>/metrics.jsonl and summary.json; returns the .md path."""
   from dsv3_jax.train.metrics import read_metrics
@@ -46,6 +51,8 @@ def write_results(workdir: str, out_dir: str) -> str:
            config["model"]["num_nextn_predict_layers"])
   last = train[-1]
   drop_frac = last["dropped_tokens"] / (per_step_assign * n_moe)
+  zero1 = ("ZeRO-1: Adam moments partitioned over the devices holding each parameter"
+           if config["train"].get("shard_optimizer_state") else "replicated")
   lines = [
       "# Main job: tiny DeepSeek-V3 on an emulated 4-node x 8-GPU mesh",
       "",
@@ -72,6 +79,15 @@ def write_results(workdir: str, out_dir: str) -> str:
       f"| step time, median (s) | {summary['step_time_s']:.3f} |",
       f"| tokens/s | {summary['tokens_per_s']:.0f} |",
       f"| first step incl. compilation (s) | {summary['first_step_s']:.1f} |",
+      f"| slowest step / median (train step alone) | "
+      f"{_fmt(summary.get('slowest_step_over_median'), '.2f')} |",
+      f"| slowest loop iteration / median (with evaluation and checkpoint save) | "
+      f"{_fmt(summary.get('slowest_iteration_over_median'), '.2f')} |",
+      f"| held-out evaluation, median (s) | {_fmt(summary.get('eval_s'), '.1f')} |",
+      f"| checkpoint save, median (s) | {_fmt(summary.get('checkpoint_save_s'), '.2f')} |",
+      f"| peak resident memory of the process (GB) | "
+      f"{_fmt(summary.get('peak_rss_bytes') and summary['peak_rss_bytes'] / 1e9, '.2f')} |",
+      f"| optimizer state | {zero1} |",
       f"| expert load max/mean (last logged step, worst layer) | "
       f"{last['expert_load_max_over_mean']:.2f} |",
       f"| dropped (token, expert) pairs, last logged step | {last['dropped_tokens']:.0f} "

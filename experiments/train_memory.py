@@ -16,7 +16,8 @@ processes so that nothing is shared between them:
 
 Settings: "before" (DSV3_MEMORY_DEFAULTS=1: glibc's allocator defaults, no malloc_trim, XLA's
 default flags), "low memory" (DSV3_LOW_MEMORY=1: also `memory.configure_malloc`, fewer glibc
-arenas and a fixed mmap threshold) and "shipped" (dsv3-train as it runs by default:
+arenas and a fixed mmap threshold), "replicated optimizer" (the shipped settings with ZeRO-1,
+`train.shard_optimizer_state`, off) and "shipped" (dsv3-train as it runs by default:
 `memory.XLA_MEMORY_FLAGS` and `memory.trim` after compiling).
 
 Writes results/train_memory.{md,csv,png} and the children's raw outputs to
@@ -40,8 +41,12 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "orion_4x8.py")
 GIB, MIB = 2**30, 2**20
-SETTINGS = (("before", {"DSV3_MEMORY_DEFAULTS": "1"}), ("low memory", {"DSV3_LOW_MEMORY": "1"}),
-            ("shipped", {}))  # the last one is what dsv3-train runs by default
+# (name, environment, train.* config overrides); the last one is what dsv3-train runs by default.
+SETTINGS = (("before", {"DSV3_MEMORY_DEFAULTS": "1"}, {}),
+            ("low memory", {"DSV3_LOW_MEMORY": "1"}, {}),
+            ("replicated optimizer", {}, {"shard_optimizer_state": False}),
+            ("shipped", {}, {}))
+OVERRIDES_ENV = "TRAIN_MEMORY_OVERRIDES"  # the accounting child's train.* overrides (JSON)
 
 # The accounting child: builds the main job as the trainer does (same allocator and XLA flag
 # settings as dsv3-train for the setting) and prints one JSON line.
@@ -56,6 +61,7 @@ from configs import orion_4x8
 from dsv3_jax.train import data as data_lib, integrity, trainer
 
 cfg = orion_4x8.get_config()
+cfg.train.update(json.loads(os.environ.get("TRAIN_MEMORY_OVERRIDES", "{}")))
 job = trainer._build(cfg, trainer.validate(cfg), lambda *_: None)
 s, w, c = job.state, job.put(job.dataset[0]), job.initial_capacity
 leaves = jax.tree.leaves
@@ -90,7 +96,9 @@ def start_accounting(settings) -> dict:
   """{setting: child process}, one per setting, started at once (they only compile)."""
   return {name: subprocess.Popen([sys.executable, "-c", _ACCOUNTING], cwd=ROOT,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                 env=dict(os.environ, **env)) for name, env in settings}
+                                 env=dict(os.environ, **env,
+                                          **{OVERRIDES_ENV: json.dumps(overrides)}))
+          for name, env, overrides in settings}
 
 
 def accounting(procs: dict) -> dict:
@@ -104,12 +112,13 @@ def accounting(procs: dict) -> dict:
   return out
 
 
-def train_run(env: dict, steps: int, every: int) -> dict:
-  """A short dsv3-train run of the main job; its summary.json."""
+def train_run(env: dict, overrides: dict, steps: int, every: int) -> dict:
+  """A short dsv3-train run of the main job (`overrides`: train.* fields); its summary.json."""
   with tempfile.TemporaryDirectory() as work:
     cmd = [os.path.join(os.path.dirname(sys.executable), "dsv3-train"), f"--config={CONFIG}",
            f"--config.train.steps={steps}", f"--config.train.eval_every={every}",
            f"--config.train.checkpoint_every={every}", f"--config.train.workdir={work}"]
+    cmd += [f"--config.train.{k}={v}" for k, v in overrides.items()]
     with open(os.path.join(work, "log.txt"), "w") as log:
       status = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                               env=dict(os.environ, **env)).returncode
@@ -138,8 +147,8 @@ def main() -> None:
       raw = json.load(f)
   else:
     children, runs = start_accounting(SETTINGS), {}
-    for name, env in SETTINGS:
-      runs[name] = train_run(env, args.steps, args.every)
+    for name, env, overrides in SETTINGS:
+      runs[name] = train_run(env, overrides, args.steps, args.every)
       print(f"{name}: peak {runs[name]['peak_rss_bytes'] / GIB:.2f} GiB", flush=True)
     raw = dict(steps=args.steps, every=args.every, load=os.getloadavg()[0],
                accounting=accounting(children), runs=runs)
@@ -151,7 +160,7 @@ def main() -> None:
 
 
 def write(args, acc: dict, runs: dict, load: float, note: str = "") -> None:
-  names = [n for n, _ in SETTINGS]
+  names = [n for n, _, _ in SETTINGS]
   gib = lambda b: "n/a" if b is None else f"{b / GIB:.2f}"
   mib = lambda b: "n/a" if b is None else f"{b / MIB:.0f}"
   a0 = acc[names[-1]]
@@ -164,8 +173,11 @@ def write(args, acc: dict, runs: dict, load: float, note: str = "") -> None:
       f"cores, load average {load:.1f} at the end: timings are inflated by other jobs). "
       "\"before\": glibc's allocator defaults, no malloc_trim, XLA's default flags "
       "(DSV3_MEMORY_DEFAULTS=1); \"low memory\": also fewer glibc arenas and a fixed mmap "
-      "threshold (DSV3_LOW_MEMORY=1, `memory.configure_malloc`); \"shipped\": dsv3-train as "
-      "it runs by default, malloc_trim after compiling and "
+      "threshold (DSV3_LOW_MEMORY=1, `memory.configure_malloc`); \"replicated optimizer\": "
+      "the shipped settings with ZeRO-1 off (`--config.train.shard_optimizer_state=False`: "
+      "every device keeps the Adam moments of every parameter it holds); \"shipped\": "
+      "dsv3-train as it runs by default, ZeRO-1 on (configs/orion_4x8.py), malloc_trim after "
+      "compiling and "
       f"(dsv3_jax/train/memory.py; XLA flags `{' '.join(a0['xla_flags'].split()[1:])}`)."
       + (f" {note}" if note else ""),
       "",
@@ -247,9 +259,8 @@ def write(args, acc: dict, runs: dict, load: float, note: str = "") -> None:
       f"{state_b / GIB:.2f} GiB (replicated leaves once per device) + the step's temporaries "
       f"{tr['temp_size'] / MIB:.1f} MiB x {n} devices = {tr['temp_size'] * n / GIB:.2f} GiB, "
       f"{floor / GIB:.2f} GiB ({floor / 1e9:.2f} GB) before any runtime, code or allocator "
-      f"overhead; the shipped run peaks {(peak - floor) / GIB:.2f} GiB above it. A peak of "
-      "3 GB needs smaller step temporaries or a sharded state (ZeRO-1, "
-      "train.shard_optimizer_state)."]
+      f"overhead; the shipped run peaks {(peak - floor) / GIB:.2f} GiB above it. With ZeRO-1 "
+      "on (shipped) the largest term left is the train step's temporaries."]
   s = runs[names[-1]]
   lines += [
       "",

@@ -28,7 +28,8 @@ def _setup(nodes, gpus, ep_nodes=None):
                       num_attention_heads=2, q_lora_rank=16, kv_lora_rank=16,
                       qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
                       n_routed_experts=8, num_hidden_layers=2, max_position_embeddings=32,
-                      n_group=ep_nodes or nodes, topk_group=1, dispatch="two_hop"))
+                      n_group=ep_nodes or nodes, topk_group=1, dispatch="two_hop",
+                      num_nextn_predict_layers=0))  # a dense and a MoE layer, no MTP module
   c.train.update(dict(batch_size=8, steps=10, warmup_steps=0, learning_rate=1e-2,
                       bias_update_speed=0.01))
   mc = ModelConfig.from_dict(c.model.to_dict())

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny_run import tiny_cfg
+from tiny_run import ONE_MOE_LAYER, tiny_cfg
 
 from dsv3_jax.train import trainer
 
@@ -168,7 +168,9 @@ def test_resuming_with_an_incompatible_config_fails_and_keeps_the_run(tmp_path):
 
 
 def test_training_on_expert_parallel_groups_over_a_subset_of_nodes(tmp_path):
-  cfg = _tiny_cfg(tmp_path, steps=3, log_every=1, eval_every=3, checkpoint_every=3)
+  # The subject is the job on a replica x node x gpu mesh: the one-MoE-layer model suffices.
+  cfg = _tiny_cfg(tmp_path, steps=2, log_every=1, eval_every=2, checkpoint_every=2)
+  cfg.model.update(ONE_MOE_LAYER)
   cfg.mesh.nodes, cfg.mesh.gpus_per_node, cfg.mesh.ep_nodes = 4, 2, 2
   cfg.model.n_group, cfg.model.topk_group = 2, 1
   cfg.model.dispatch = "two_hop"

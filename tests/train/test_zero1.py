@@ -29,11 +29,12 @@ CAP = (24, 24)
 
 
 def _config(nodes, ep_nodes):
-  """tests/train/tiny_run.py's model (2 layers, hidden 64, 8 experts, MTP depth 1) with
+  """tests/train/tiny_run.py's model (2 layers: one dense, one MoE; hidden 64, 8 experts; no MTP
+  module, whose leaves are of the same kinds and would only lengthen the compile) with
   node-limited two_hop dispatch; 20 steps of AdamW with clipping at 1.0 (nothing is written)."""
   c = tiny_cfg(pathlib.Path("unused"))
   c.model.update(dict(n_group=ep_nodes or nodes, topk_group=1, dispatch="two_hop",
-                      max_position_embeddings=32))
+                      max_position_embeddings=32, num_nextn_predict_layers=0))
   c.data.seq_len = SEQ
   c.train.update(dict(steps=STEPS, warmup_steps=2, learning_rate=1e-2))
   return c
