@@ -4,7 +4,7 @@ Run by `experiments/benchmark_step.py` (its paired rounds) as a subprocess of a 
 virtual environment that has torch and transformers (the project's own dependencies stay as they
 are); it imports neither jax nor dsv3_jax. Create that environment with
 
-    python3 -m venv .venv-torch && .venv-torch/bin/pip install torch==2.13.0 transformers
+    python3 -m venv .venv-torch && .venv-torch/bin/pip install torch==2.14.0 transformers==5.24.0
 
 (`.venv-torch` is git-ignored; `--torch-python` / $DSV3_TORCH_PYTHON point elsewhere).
 

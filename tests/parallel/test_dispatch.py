@@ -165,9 +165,9 @@ def test_moe_layer_on_mesh_equals_unsharded_layer_and_is_sharded(schedule):
 
 
 # Both schedules on each of these meshes are checked (values and gradients) at the dispatch
-# level above; here the layer's own shard_map (where the size-1 axis bug showed).
-@pytest.mark.parametrize("nodes,gpus,schedule", [(1, 2, "flat"), (1, 8, "two_hop"),
-                                                 (2, 1, "two_hop"), (4, 1, "flat")])
+# level above; here the layer's own shard_map (where the size-1 axis bug showed): each axis of
+# size one once, with each schedule once.
+@pytest.mark.parametrize("nodes,gpus,schedule", [(1, 8, "two_hop"), (4, 1, "flat")])
 def test_moe_layer_on_a_mesh_with_a_size_one_axis_equals_unsharded_layer(nodes, gpus, schedule):
   cfg = SMALL.replace(dispatch=schedule, n_group=max(nodes, 2), topk_group=1)
   mesh = make_mesh(nodes, gpus)
