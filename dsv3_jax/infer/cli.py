@@ -42,8 +42,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--speculative-depth", type=int, default=0,
                  help="MTP speculative decoding with this many MTP modules (greedy only; "
                       "0 = off; at most the checkpoint's MTP depth)")
-  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                 help="compute dtype (--hf only; a run keeps its trained dtype)")
+  p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                 help="compute dtype (--hf only, default float32; a run keeps its trained "
+                      "dtype)")
   return p
 
 
@@ -66,6 +67,10 @@ def check_args(args) -> None:
     raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
   if args.top_k < 0:
     raise ValueError(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
+  if args.dtype is not None and args.workdir is not None:
+    raise ValueError(f"--dtype {args.dtype} applies to --hf checkpoints only; a --workdir run "
+                     "computes in the dtype it was trained with (model.dtype in its "
+                     "config.json): drop --dtype")
   if not 0 < args.top_p <= 1:
     raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
   for name, v in (("--nodes", args.nodes), ("--gpus-per-node", args.gpus_per_node),
@@ -129,7 +134,7 @@ def main(argv=None, out=None) -> int:
     if args.workdir is not None:
       engine = Engine.from_workdir(args.workdir, step=args.step, **kw)
     else:
-      engine = Engine.from_hf(args.hf, dtype=args.dtype, **kw)
+      engine = Engine.from_hf(args.hf, dtype=args.dtype or "float32", **kw)
     rid = engine.submit(prompt, max_new_tokens=args.max_new_tokens,
                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                         stop_tokens=_ids(args.stop_ids, "--stop-ids"),

@@ -61,6 +61,9 @@ def test_a_workdir_without_checkpoint_is_refused(tmp_path, capsys):
   (tmp_path / "config.json").write_text(json.dumps({}))
   assert cli.main(["--workdir", str(tmp_path), "--prompt", "x"]) == 2
   assert "no checkpoint" in capsys.readouterr().err
+  # --dtype is for Hugging Face checkpoints; with a run it is refused, not ignored.
+  assert cli.main(["--workdir", str(tmp_path), "--prompt", "x", "--dtype", "bfloat16"]) == 2
+  assert "--dtype bfloat16 applies to --hf checkpoints only" in capsys.readouterr().err
 
 
 def test_requests_the_model_cannot_take_are_refused_after_loading(capsys):
