@@ -42,16 +42,17 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 # first. Only the order in which the xdist workers take files depends on it.
 LONG_FILES = (
     "tests/parallel/test_pipeline.py",
-    "tests/train/test_mesh_training.py",
-    "tests/parallel/test_dispatch.py",
     "tests/train/test_reliability.py",
-    "tests/train/test_trainer.py",
     "tests/parallel/test_pipeline_train.py",
-    "tests/train/test_zero1.py",
-    "tests/test_cli.py",
     "tests/train/test_multiprocess_training.py",
-    "tests/train/test_step.py",
+    "tests/train/test_zero1.py",
+    "tests/train/test_trainer.py",
+    "tests/parallel/test_dispatch.py",
     "tests/model/test_fp8_model.py",
+    "tests/test_cli.py",
+    "tests/train/test_mesh_training.py",
+    "tests/train/test_step.py",
+    "tests/model/test_moe.py",
 )
 CACHE_KEY = "dsv3_jax/file_seconds"
 
