@@ -35,7 +35,7 @@ class SamplingParams:
     t, k, p = self.temperature, self.top_k, self.top_p
     if isinstance(t, bool) or not isinstance(t, (int, float)) or not t >= 0:
       raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {t!r}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= vocab_size:
       raise ValueError(f"top_k must be an integer in 0..{vocab_size} (0 = off), got {k!r}")
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
       raise ValueError(f"top_p must be in (0, 1] (1 = off), got {p!r}")

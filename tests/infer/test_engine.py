@@ -133,6 +133,7 @@ def test_bad_requests_fail_before_any_work_and_leave_the_batch_alone(engines):
       (dict(prompt=[3], temperature=-1.0), "temperature"),
       (dict(prompt=[3], top_p=0.0), "top_p"),
       (dict(prompt=[3], top_k=-1), "top_k"),
+      (dict(prompt=[3], temperature=0.8, top_k=257), r"top_k must be an integer in 0\.\.256"),
   ]
   for kw, match in cases:
     kw = dict(kw)

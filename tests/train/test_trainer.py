@@ -93,6 +93,8 @@ def test_short_run_learns_resumes_and_writes_metrics(tmp_path):
   s3 = trainer.train(cfg, progress=False, log=lambda *_: None)
   assert s3["resumed_from"] == 35 and s3["heldout_loss"] == pytest.approx(s2["heldout_loss"])
   assert (s3["step_time_s"], s3["first_step_s"]) == (s2["step_time_s"], s2["first_step_s"])
+  for key in ("eval_s", "checkpoint_save_s", "slowest_step_over_median", "peak_rss_bytes"):
+    assert s3[key] == s2[key], key  # the finished run's diagnostics are kept, not reset
   assert np.isfinite(s3["tokens_per_s"])
 
 
