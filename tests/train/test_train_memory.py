@@ -36,14 +36,24 @@ def test_phase_peak_sees_a_transient_buffer_and_repeats_accumulate():
 
 
 def test_live_bytes_count_each_device_buffer_once_and_compiles_are_counted():
+  import gc
+
   mesh = jax.make_mesh((len(jax.devices()),), ("d",))
   log = memory.PhaseLog()
-  log.mark("start")
-  x = jax.device_put(np.zeros((1000, 250), np.float32), NamedSharding(mesh, P()))  # 1e6 bytes
-  _ = [s.data for s in x.addressable_shards]  # jax caches per-device arrays sharing the buffers
-  f = jax.jit(lambda a: a * 3.0 + 1.0)
-  y = f(jnp.ones((7, 13)))
-  row = log.mark("placed")
+  # Arrays an earlier test in this worker left in unreachable cycles would be freed whenever
+  # the collector runs, changing the live bytes between the two marks: collect them first and
+  # keep the collector off in between.
+  gc.collect()
+  gc.disable()
+  try:
+    log.mark("start")
+    x = jax.device_put(np.zeros((1000, 250), np.float32), NamedSharding(mesh, P()))  # 1e6 B
+    _ = [s.data for s in x.addressable_shards]  # jax caches per-device arrays sharing buffers
+    f = jax.jit(lambda a: a * 3.0 + 1.0)
+    y = f(jnp.ones((7, 13)))
+    row = log.mark("placed")
+  finally:
+    gc.enable()
   assert row.live - log.phases[0].live == len(jax.devices()) * 1_000_000 + y.nbytes
   assert row.compiles >= 1
   f(jnp.ones((7, 13)))  # cached: no compilation
