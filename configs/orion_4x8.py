@@ -16,9 +16,10 @@ DeepSeek-V3 trains with, report §3.2): each dense parameter's Adam moments are 
 devices that hold it (19.7 -> 3.5 MiB of optimizer state per device, results/zero1.md), which
 lowers `make train`'s peak resident memory (4.95 -> 4.43 GiB in results/train_memory.md,
 "replicated optimizer" vs "shipped") at about the same step time; the losses agree within 2e-7
-relative (the gradient sum runs in another order). The price: the replica check (`train.sdc_check_every`) no longer
-sees a flipped bit in a moment or in a parameter copy that the next all-gather overwrites;
-`--config.train.shard_optimizer_state=False` restores the replicated state.
+relative (the gradient sum runs in another order). The price: the replica check
+(`train.sdc_check_every`) no longer sees a flipped bit in a moment or in a parameter copy that
+the next all-gather overwrites; `--config.train.shard_optimizer_state=False` restores the
+replicated state.
 
 Usage: make train   (= dsv3-train --config=configs/orion_4x8.py); ~10 min on 2 cores.
 """

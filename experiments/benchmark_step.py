@@ -33,7 +33,7 @@ import tempfile
 import _step_timing as T
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The versions the issues measured the reference with (with torch 2.13 generate() at batch 32 ran ~1.5x slower here).
+# The versions the issues measured the reference with (an older torch is slower here).
 TORCH_VENV_HELP = ("python3 -m venv .venv-torch && .venv-torch/bin/pip install torch==2.14.0 "
                    "transformers==5.24.0")
 

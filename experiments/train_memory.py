@@ -46,7 +46,8 @@ SETTINGS = (("before", {"DSV3_MEMORY_DEFAULTS": "1"}, {}),
             ("low memory", {"DSV3_LOW_MEMORY": "1"}, {}),
             ("replicated optimizer", {}, {"shard_optimizer_state": False}),
             ("shipped", {}, {}))
-OVERRIDES_ENV = "TRAIN_MEMORY_OVERRIDES"  # the accounting child's train.* overrides (JSON)
+OVERRIDES_ENV = "TRAIN_MEMORY_OVERRIDES"  # train.* overrides (JSON) for `_ACCOUNTING`, which
+# reads the variable under this name
 
 # The accounting child: builds the main job as the trainer does (same allocator and XLA flag
 # settings as dsv3-train for the setting) and prints one JSON line.
@@ -177,7 +178,7 @@ def write(args, acc: dict, runs: dict, load: float, note: str = "") -> None:
       "the shipped settings with ZeRO-1 off (`--config.train.shard_optimizer_state=False`: "
       "every device keeps the Adam moments of every parameter it holds); \"shipped\": "
       "dsv3-train as it runs by default, ZeRO-1 on (configs/orion_4x8.py), malloc_trim after "
-      "compiling and "
+      "compiling "
       f"(dsv3_jax/train/memory.py; XLA flags `{' '.join(a0['xla_flags'].split()[1:])}`)."
       + (f" {note}" if note else ""),
       "",

@@ -2,12 +2,12 @@
 sub-meshes run in-process); tests that need another device count start a subprocess.
 
 `make test` runs the files on 3 pytest-xdist workers (Makefile, TEST_WORKERS), one file per
-worker at a time (`--dist loadfile --no-loadscope-reorder`: a file's module-scoped fixtures and the programs its tests
-share are built once, in one process). The workers take the files in the order
-`pytest_collection_modifyitems` below gives them, longest first, so that the long files do not
-end up alone at the end of the run: by the per-file seconds of the last whole-suite run that
-passed in this checkout (pytest's cache, `.pytest_cache/v/dsv3_jax/file_seconds`), on a fresh
-checkout by `LONG_FILES`.
+worker at a time (`--dist loadfile --no-loadscope-reorder`: a file's module-scoped fixtures and
+the programs its tests share are built once, in one process). The workers take the files in
+the order `pytest_collection_modifyitems` below gives them, longest first, so that the long
+files do not end up alone at the end of the run: by the per-file seconds of the last
+whole-suite run that passed in this checkout (pytest's cache,
+`.pytest_cache/v/dsv3_jax/file_seconds`), on a fresh checkout by `LONG_FILES`.
 """
 
 from __future__ import annotations

@@ -312,6 +312,12 @@ def _outliers(run: _Run) -> dict:
   return out
 
 
+# The summary.json fields a rerun of a finished run computes again; it keeps the others.
+_EVALUATED_AGAIN = frozenset({"name", "steps", "resumed_from", "heldout_loss",
+                              "heldout_unigram_entropy", "heldout_bigram_entropy", "devices",
+                              "tokens_per_step"})
+
+
 def _summarize(job: _Job, run: _Run, start: int, log, phases=None) -> dict:
   """Writes `<workdir>/summary.json` and returns it (with `phases`' memory rows)."""
   cfg, t = job.cfg, job.cfg.train
@@ -337,16 +343,11 @@ def _summarize(job: _Job, run: _Run, start: int, log, phases=None) -> dict:
       memory=phases.rows() if phases is not None else [])
   summary_path = os.path.join(t.workdir, "summary.json")
   if run.first_step_s is None and os.path.exists(summary_path):
-    # Resumed a finished run: no step ran now, so keep what the run that trained it measured
-    # (its timings, outliers, checks and memory); only the held-out loss is evaluated again.
+    # Resumed a finished run: no step ran now, so keep everything the run that trained it
+    # measured (timings, outliers, checks, memory); only the held-out loss is evaluated again.
     with open(summary_path) as f:
       before = json.load(f)
-    for key in ("step_time_s", "tokens_per_s", "first_step_s", "recompiles", "final",
-                "capacity", "nonfinite_steps", "sdc_checks", "sdc_check_s", "checkpoint_save_s",
-                "checkpoint_checksum_s", "eval_s", "warmup_s", "slowest_step_over_median",
-                "slowest_iteration_over_median", "peak_rss_bytes", "memory"):
-      if key in before:
-        summary[key] = before[key]
+    summary.update({k: v for k, v in before.items() if k not in _EVALUATED_AGAIN})
     log(f"nothing to train: the run is complete at step {t.steps} (train.steps); the step "
         "figures below are those of the run that trained it")
   if job.processes == 1 or jax.process_index() == 0:

@@ -236,9 +236,10 @@ def _build(cfg, model_cfg: ModelConfig, log,
           opt_state)
     sh = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
     p_sh, o_sh = sh(params), sh(other)
-    # ZeRO-1 (train/zero1.py), opt-in with train.shard_optimizer_state: each parameter's
-    # Adam moments partitioned over the devices that hold that parameter. Off by default:
-    # every step then all-gathers each replicated parameter from the slice one device updated,
+    # ZeRO-1 (train/zero1.py), opt-in with train.shard_optimizer_state (on in the main job,
+    # configs/orion_4x8.py): each parameter's Adam moments partitioned over the devices that
+    # hold that parameter. Off in configs/tiny.py, because with it
+    # every step all-gathers each replicated parameter from the slice one device updated,
     # which overwrites (or spreads) a corrupted replica before the replica check can see it,
     # and each moment has one copy, so the SDC check (train.sdc_check_every) would no longer
     # find a bit flip in a parameter copy or a moment.

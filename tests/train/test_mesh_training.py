@@ -6,6 +6,8 @@ import json
 import numpy as np
 import pytest
 
+from tiny_run import ONE_MOE_LAYER
+
 from configs import tiny
 from dsv3_jax.train import trainer
 
@@ -16,10 +18,10 @@ def _cfg(tmp_path, nodes, gpus, schedule):
                       num_attention_heads=4, q_lora_rank=32, kv_lora_rank=16,
                       qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
                       n_routed_experts=8, n_group=2, topk_group=1, num_experts_per_tok=2,
-                      max_position_embeddings=64, dispatch=schedule,
-                      # one MoE layer and no MTP module: the smallest program that dispatches
-                      # (compile time dominates; the MTP layer's MoE is the same module)
-                      num_hidden_layers=1, first_k_dense_replace=0, num_nextn_predict_layers=0))
+                      max_position_embeddings=64, dispatch=schedule))
+  # One MoE layer and no MTP module: the smallest program that dispatches (compile time
+  # dominates; the MTP layer's MoE is the same module).
+  c.model.update(ONE_MOE_LAYER)
   c.mesh.nodes, c.mesh.gpus_per_node = nodes, gpus
   c.data.seq_len = 64
   c.data.eval_sequences = 8

@@ -90,7 +90,9 @@ def test_short_run_learns_resumes_and_writes_metrics(tmp_path):
     assert tb[key] == want and len(want) >= 2
   # Rerunning a finished run trains nothing, re-evaluates the same held-out loss and keeps the
   # timings of the steps that trained it.
-  s3 = trainer.train(cfg, progress=False, log=lambda *_: None)
+  said = []
+  s3 = trainer.train(cfg, progress=False, log=lambda *a: said.append(" ".join(map(str, a))))
+  assert any("nothing to train: the run is complete at step 35" in m for m in said), said
   assert s3["resumed_from"] == 35 and s3["heldout_loss"] == pytest.approx(s2["heldout_loss"])
   assert (s3["step_time_s"], s3["first_step_s"]) == (s2["step_time_s"], s2["first_step_s"])
   for key in ("eval_s", "checkpoint_save_s", "slowest_step_over_median", "peak_rss_bytes"):
