@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import json
 import os
 import sys
 import time
@@ -102,6 +103,51 @@ def check_args(args) -> None:
         raise FileNotFoundError(f"--hf {args.hf}: {f} not found")
 
 
+def model_settings(args) -> dict:
+  """The checkpoint's model settings (vocab_size, max_position_embeddings, n_routed_experts,
+  n_group, ...) from its config.json, without reading any weights."""
+  with open(os.path.join(args.workdir or args.hf, "config.json")) as f:
+    cfg = json.load(f)
+  return cfg.get("model", {}) if args.workdir is not None else cfg
+
+
+def check_model_fit(args, m: dict) -> None:
+  """Checks the request and the mesh against the checkpoint's settings `m` (before any weight
+  is loaded), naming the command's options.
+
+  Raises:
+    ValueError: the devices do not divide the routed experts, more than one node for a model
+      whose expert groups are not one per node, or a prompt / stop id / length the model
+      does not accept (`requests.check_request`).
+  """
+  from dsv3_jax.infer.requests import check_request
+
+  n_dev = args.nodes * args.gpus_per_node
+  experts, groups = m.get("n_routed_experts"), m.get("n_group")
+  if experts and n_dev > 1 and experts % n_dev:
+    allowed = [d for d in range(1, experts + 1) if experts % d == 0]
+    raise ValueError(f"--nodes {args.nodes} x --gpus-per-node {args.gpus_per_node} = {n_dev} "
+                     f"devices do not divide the model's {experts} routed experts "
+                     f"(n_routed_experts); allowed device counts: {allowed}")
+  if experts and args.nodes > 1 and groups != args.nodes:
+    raise ValueError(f"--nodes {args.nodes}: the model routes over n_group={groups} expert "
+                     "groups, one per node (node-limited routing, report §2.1.2); allowed: "
+                     f"--nodes 1 or --nodes {groups}")
+  if args.prompt is not None:
+    ids = list(args.prompt.encode("utf-8")) if m.get("vocab_size") == 256 else None
+    name = "--prompt"
+  else:
+    ids, name = _ids(args.prompt_ids, "--prompt-ids"), "--prompt-ids"
+  vocab, longest = m["vocab_size"], m["max_position_embeddings"]
+  for flag, prompt, stop in ((name, ids, ()), ("--stop-ids", None, _ids(args.stop_ids, ""))):
+    if prompt is None and not stop:
+      continue
+    try:
+      check_request(prompt or [0], args.max_new_tokens, stop, vocab, longest)
+    except ValueError as e:
+      raise ValueError(f"{flag}: {e}") from None
+
+
 def main(argv=None, out=None) -> int:
   """Runs the command; returns the exit status (2 on a bad setting)."""
   args = _parser().parse_args(argv)
@@ -123,6 +169,7 @@ def main(argv=None, out=None) -> int:
   from dsv3_jax.parallel.mesh import make_mesh
 
   try:
+    check_model_fit(args, model_settings(args))
     mesh = make_mesh(args.nodes, args.gpus_per_node) if n_dev > 1 else None
     prompt = args.prompt if args.prompt is not None else _ids(args.prompt_ids, "--prompt-ids")
     # One request of known size: one shape bucket each, so one prefill and one decode compile.

@@ -66,11 +66,34 @@ def test_a_workdir_without_checkpoint_is_refused(tmp_path, capsys):
   assert "--dtype bfloat16 applies to --hf checkpoints only" in capsys.readouterr().err
 
 
-def test_requests_the_model_cannot_take_are_refused_after_loading(capsys):
-  assert cli.main(["--hf", REF, "--prompt", "x" * 257]) == 2
-  assert "max_position_embeddings=256" in capsys.readouterr().err
-  assert cli.main(["--hf", REF, "--prompt-ids", "300"]) == 2
-  assert "outside the vocabulary" in capsys.readouterr().err
+def test_requests_and_meshes_the_model_cannot_take_are_refused_before_loading(capsys,
+                                                                             monkeypatch):
+  # Read from the checkpoint's config.json: no weights are loaded for these.
+  from dsv3_jax.infer.engine import Engine
+
+  def no_loading(*a, **k):
+    raise AssertionError("the checkpoint was loaded before the settings were checked")
+
+  monkeypatch.setattr(Engine, "from_hf", no_loading)
+  cases = [
+      (["--prompt", "x" * 257], "--prompt: the prompt has 257 tokens, more than the model's "
+                                "max_position_embeddings=256; allowed: 1..256"),
+      (["--prompt-ids", "300"], r"--prompt-ids: prompt token id\(s\) \[300\] outside the "
+                                r"vocabulary; allowed: 0..255"),
+      (["--prompt", "x", "--stop-ids", "256"], r"--stop-ids: stop token\(s\) \[256\] outside"),
+      (["--prompt", "x", "--nodes", "3"],
+       r"--nodes 3 x --gpus-per-node 1 = 3 devices do not divide the model's 16 routed experts "
+       r"\(n_routed_experts\); allowed device counts: \[1, 2, 4, 8, 16\]"),
+      (["--prompt", "x", "--nodes", "8"],
+       r"--nodes 8: the model routes over n_group=4 expert groups, one per node .*allowed: "
+       r"--nodes 1 or --nodes 4"),
+  ]
+  for args, match in cases:
+    assert cli.main(["--hf", REF] + args) == 2, args
+    assert re.search(match, capsys.readouterr().err), args
+
+
+def test_requests_the_cache_or_checkpoint_cannot_take_are_refused_after_loading(capsys):
   assert cli.main(["--hf", REF, "--prompt", "x", "--num-pages", "1",
                    "--max-new-tokens", "100"]) == 2
   assert "cache.num_pages=1" in capsys.readouterr().err
