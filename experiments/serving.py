@@ -391,6 +391,10 @@ def main() -> None:
               f"- batch 32: median ratio of the paired rounds {med:.2f}x [{min(ratios):.2f}, "
               f"{max(ratios):.2f}] (target >= {TARGET_SPEEDUP_B32:.0f}x: "
               f"{'met' if med >= TARGET_SPEEDUP_B32 else 'not met'})"]
+    if best32:
+      lines.append(f"  - against the issue's quoted {HF_TOKENS_PER_S[32]:,.0f} tokens/s (taken when "
+                   f"a float32 matmul ran at ~270 GFLOP/s here, {gflops:.0f} now): "
+                   f"{best32['decode_tokens_per_s'] / HF_TOKENS_PER_S[32]:.2f}x")
   else:
     lines += ["", "Targets:"]
     if best32:

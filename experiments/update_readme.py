@@ -25,6 +25,8 @@ SECTIONS = (
      r"^Two-hop inter-node copies are bounded"),
     ("scale_2048.md", "Scaling to 2048 emulated devices",
      "Compile time, step time and memory vs device count", None),
+    ("serving.md", "Serving: decode tokens/s vs transformers generate() (tiny dims, one device)",
+     "Batch 32 in paired rounds", r"^Targets:"),
     ("fp8_training.md", "FP8 vs BF16 training (same seed, same steps)", 0, None),
     ("fp8_step_time.md", "FP8 quantization overhead (step time)", 0, None),
     ("quant_error.md", "Quantization error on real activations and gradients", 0, None),
