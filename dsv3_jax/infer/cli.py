@@ -22,7 +22,8 @@ import time
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="dsv3-generate", description=__doc__.split("\n\n")[0])
+  p = argparse.ArgumentParser(prog="dsv3-generate", description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   src = p.add_mutually_exclusive_group(required=True)
   src.add_argument("--workdir", help="training run directory (config.json + checkpoints/)")
   src.add_argument("--hf", help="Hugging Face DeepSeek-V3 checkpoint directory")
@@ -64,8 +65,9 @@ def check_args(args) -> None:
   """
   if args.max_new_tokens <= 0:
     raise ValueError(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}")
-  if args.temperature < 0:
-    raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+  if not 0 <= args.temperature < float("inf"):  # NaN fails too
+    raise ValueError(f"--temperature must be a finite number >= 0 (0 = greedy), got "
+                     f"{args.temperature}")
   if args.top_k < 0:
     raise ValueError(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
   if args.dtype is not None and args.workdir is not None:
@@ -87,6 +89,15 @@ def check_args(args) -> None:
     raise ValueError(f"--num-pages must be a positive integer, got {args.num_pages}")
   if args.prompt is not None and not args.prompt:
     raise ValueError("--prompt is empty; give at least one character")
+  if args.prompt is not None:
+    try:
+      args.prompt.encode("utf-8")
+    except UnicodeEncodeError:
+      raise ValueError("--prompt is not valid UTF-8 text (the shell passed undecodable bytes); "
+                       "give the bytes as --prompt-ids instead") from None
+  if args.step is not None and args.hf is not None:
+    raise ValueError(f"--step {args.step} applies to --workdir runs only; a --hf checkpoint has "
+                     "one set of weights: drop --step")
   if args.prompt_ids is not None and not _ids(args.prompt_ids, "--prompt-ids"):
     raise ValueError("--prompt-ids is empty; give at least one token id")
   _ids(args.stop_ids, "--stop-ids")
@@ -95,8 +106,13 @@ def check_args(args) -> None:
       raise FileNotFoundError(f"--workdir {args.workdir}: no config.json (not a training run "
                               "directory; train one with dsv3-train)")
     ckpt = os.path.join(args.workdir, "checkpoints")
-    if not os.path.isdir(ckpt) or not any(n.isdigit() for n in os.listdir(ckpt)):
+    steps = sorted(int(n) for n in os.listdir(ckpt) if n.isdigit()) if os.path.isdir(ckpt) \
+        else []
+    if not steps:
       raise FileNotFoundError(f"--workdir {args.workdir}: no checkpoint under {ckpt}")
+    if args.step is not None and args.step not in steps:
+      raise FileNotFoundError(f"--step {args.step}: no checkpoint at that step under {ckpt}; "
+                              f"allowed: {', '.join(map(str, steps))}")
   if args.hf is not None:
     for f in ("config.json", "model.safetensors"):
       if not os.path.isfile(os.path.join(args.hf, f)):
@@ -117,8 +133,9 @@ def check_model_fit(args, m: dict) -> None:
 
   Raises:
     ValueError: the devices do not divide the routed experts, more than one node for a model
-      whose expert groups are not one per node, or a prompt / stop id / length the model
-      does not accept (`requests.check_request`).
+      whose expert groups are not one per node, a prompt / stop id / length the model does
+      not accept (`requests.check_request`), --top-k above the vocabulary, more speculative
+      drafts than MTP modules, or --num-pages too small for the request.
   """
   from dsv3_jax.infer.requests import check_request
 
@@ -128,7 +145,8 @@ def check_model_fit(args, m: dict) -> None:
     allowed = [d for d in range(1, experts + 1) if experts % d == 0]
     raise ValueError(f"--nodes {args.nodes} x --gpus-per-node {args.gpus_per_node} = {n_dev} "
                      f"devices do not divide the model's {experts} routed experts "
-                     f"(n_routed_experts); allowed device counts: {allowed}")
+                     f"(n_routed_experts); allowed device counts: {allowed}, with --nodes 1"
+                     + (f" or --nodes {groups}" if groups and groups > 1 else ""))
   if experts and args.nodes > 1 and groups != args.nodes:
     raise ValueError(f"--nodes {args.nodes}: the model routes over n_group={groups} expert "
                      "groups, one per node (node-limited routing, report §2.1.2); allowed: "
@@ -146,6 +164,21 @@ def check_model_fit(args, m: dict) -> None:
       check_request(prompt or [0], args.max_new_tokens, stop, vocab, longest)
     except ValueError as e:
       raise ValueError(f"{flag}: {e}") from None
+  if args.top_k > vocab:
+    raise ValueError(f"--top-k {args.top_k} exceeds the model's vocabulary; allowed: 0..{vocab} "
+                     "(0 = off)")
+  mtp = m.get("num_nextn_predict_layers") or 0
+  if args.speculative_depth > mtp:
+    raise ValueError(f"--speculative-depth {args.speculative_depth}: the checkpoint has {mtp} MTP "
+                     f"module(s) (num_nextn_predict_layers); allowed: "
+                     + (f"0..{mtp}" if mtp else "0"))
+  if args.num_pages is not None:
+    n = len(ids) if ids is not None else 1
+    need = -(-min(n + args.max_new_tokens - 1, longest) // args.page_size)
+    if args.num_pages < need:
+      raise ValueError(f"--num-pages {args.num_pages} holds {args.num_pages * args.page_size} "
+                       f"tokens, too few for this request ({n} prompt + {args.max_new_tokens} new"
+                       f" tokens in pages of {args.page_size}); allowed: --num-pages >= {need}")
 
 
 def main(argv=None, out=None) -> int:
@@ -194,14 +227,23 @@ def main(argv=None, out=None) -> int:
     out.write(args.prompt)
   t0 = time.perf_counter()
   n = 0
-  while engine.has_work():
-    for ev in engine.step():
-      n += 1
-      out.write(text.decode(bytes([ev.token])) if text else f"{ev.token} ")
-      out.flush()
-  if text:
-    out.write(text.decode(b"", final=True))
-  out.write("\n")
+  try:
+    while engine.has_work():
+      for ev in engine.step():
+        n += 1
+        out.write(text.decode(bytes([ev.token])) if text else f"{ev.token} ")
+        out.flush()
+    if text:
+      out.write(text.decode(b"", final=True))
+    out.write("\n")
+    out.flush()
+  except KeyboardInterrupt:
+    print(f"\ndsv3-generate: interrupted after {n} tokens", file=err)
+    return 130
+  except BrokenPipeError:  # the reader went away (e.g. `| head`): stop quietly
+    if out is sys.stdout:
+      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 1
   dt = time.perf_counter() - t0
   done = engine.completion(rid)
   spec = ""
@@ -216,7 +258,11 @@ def main(argv=None, out=None) -> int:
 
 
 def run() -> None:
-  sys.exit(main())
+  try:
+    sys.exit(main())
+  except KeyboardInterrupt:  # while loading or compiling (generation handles its own)
+    print("\ndsv3-generate: interrupted", file=sys.stderr)
+    sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -87,16 +87,30 @@ def test_requests_and_meshes_the_model_cannot_take_are_refused_before_loading(ca
       (["--prompt", "x", "--nodes", "8"],
        r"--nodes 8: the model routes over n_group=4 expert groups, one per node .*allowed: "
        r"--nodes 1 or --nodes 4"),
+      (["--prompt", "x", "--top-k", "1000", "--temperature", "1"],
+       r"--top-k 1000 exceeds the model's vocabulary; allowed: 0..256"),
+      (["--prompt", "x", "--num-pages", "1", "--max-new-tokens", "100"],
+       r"--num-pages 1 holds 16 tokens, too few .*allowed: --num-pages >= 7"),
+      # the reference checkpoints have no MTP module
+      (["--prompt", "x", "--speculative-depth", "1"],
+       r"--speculative-depth 1: the checkpoint has 0 MTP module\(s\).*allowed: 0$"),
   ]
   for args, match in cases:
     assert cli.main(["--hf", REF] + args) == 2, args
     assert re.search(match, capsys.readouterr().err), args
 
 
-def test_requests_the_cache_or_checkpoint_cannot_take_are_refused_after_loading(capsys):
-  assert cli.main(["--hf", REF, "--prompt", "x", "--num-pages", "1",
-                   "--max-new-tokens", "100"]) == 2
-  assert "cache.num_pages=1" in capsys.readouterr().err
-  # the reference checkpoints have no MTP module
-  assert cli.main(["--hf", REF, "--prompt", "x", "--speculative-depth", "1"]) == 2
-  assert re.search(r"speculative_depth=1; allowed: 0", capsys.readouterr().err)
+def test_bad_steps_and_sampling_settings_are_refused_before_loading(tmp_path, capsys):
+  # a run directory with checkpoints at steps 3 and 5 only (nothing is loaded)
+  (tmp_path / "config.json").write_text(json.dumps({"model": {}}))
+  for step in ("3", "5"):
+    (tmp_path / "checkpoints" / step).mkdir(parents=True)
+  assert cli.main(["--workdir", str(tmp_path), "--prompt", "x", "--step", "4"]) == 2
+  assert "--step 4: no checkpoint at that step" in capsys.readouterr().err
+  assert cli.main(["--hf", REF, "--prompt", "x", "--step", "4"]) == 2
+  assert "--step 4 applies to --workdir runs only" in capsys.readouterr().err
+  for t in ("nan", "inf"):
+    assert cli.main(["--hf", REF, "--prompt", "x", "--temperature", t]) == 2
+    assert "--temperature must be a finite number >= 0" in capsys.readouterr().err
+  assert cli.main(["--hf", REF, "--prompt", "\udcff\udcfe"]) == 2  # bytes the shell could not decode
+  assert "--prompt is not valid UTF-8" in capsys.readouterr().err
