@@ -465,7 +465,7 @@ class Engine:
     Raises:
       ValueError: any invalid prompt or setting, before any work is done.
     """
-    if isinstance(prompts, (str, np.ndarray)) or (
+    if isinstance(prompts, (str, bytes, bytearray, np.ndarray)) or (
         isinstance(prompts, (list, tuple)) and prompts and
         all(isinstance(t, (int, np.integer)) for t in prompts)):
       prompts = [prompts]

@@ -9,7 +9,7 @@ import numpy as np
 
 from dsv3_jax.infer.sampling import SamplingParams
 
-Prompt = Union[str, Sequence[int], np.ndarray]
+Prompt = Union[str, bytes, Sequence[int], np.ndarray]
 BYTE_VOCAB = 256
 
 
@@ -70,7 +70,8 @@ def encode_prompt(prompt: Prompt, byte_level: bool, vocab_size: int) -> list[int
   """Token ids of a prompt (a str is UTF-8 bytes, for byte-level models only).
 
   Args:
-    prompt: a str, or a 1-D sequence / array of integer token ids.
+    prompt: a str, bytes (their values are the ids), or a 1-D sequence / array of integer
+      token ids.
     byte_level: whether the model's tokens are the 256 bytes (a str prompt is allowed).
     vocab_size: the model's vocabulary size (for the message).
 
@@ -78,6 +79,8 @@ def encode_prompt(prompt: Prompt, byte_level: bool, vocab_size: int) -> list[int
     ValueError: a str for a model whose vocabulary is not the 256 bytes, or a prompt that is
       not a str or a sequence of ints.
   """
+  if isinstance(prompt, (bytes, bytearray)):  # the byte values are the token ids
+    prompt = list(prompt)
   if isinstance(prompt, str):
     if not byte_level:
       raise ValueError(f"a text prompt needs a byte-level model (vocab_size {BYTE_VOCAB}); "
@@ -88,8 +91,9 @@ def encode_prompt(prompt: Prompt, byte_level: bool, vocab_size: int) -> list[int
   except Exception:  # pragma: no cover - exotic inputs
     ids = None
   if ids is None or ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
-    raise ValueError("a prompt must be a str or a 1-D sequence of integer token ids, got "
-                     f"{type(prompt).__name__}")
+    kind = f"{ids.ndim}-D {ids.dtype}" if ids is not None else type(prompt).__name__
+    raise ValueError("a prompt must be a str, bytes or a 1-D sequence of integer token ids, "
+                     f"got {type(prompt).__name__} ({kind})")
   return [int(i) for i in ids]
 
 

@@ -156,7 +156,10 @@ def test_a_pool_too_small_for_one_sequence_is_refused_and_a_full_pool_waits():
 
 def test_text_prompts_need_a_byte_level_model(engines):
   engine = engines["tiny"]
-  assert engine.encode("ab") == [97, 98]
+  assert engine.encode("ab") == [97, 98] == engine.encode(b"ab")  # bytes: their values
+  with pytest.raises(ValueError, match=r"1-D sequence of integer token ids, got list \(1-D "
+                                       r"float64\)"):
+    engine.encode([100.0, 101.0])
   engine.byte_level = False
   try:
     with pytest.raises(ValueError, match="byte-level"):

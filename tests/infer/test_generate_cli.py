@@ -112,5 +112,6 @@ def test_bad_steps_and_sampling_settings_are_refused_before_loading(tmp_path, ca
   for t in ("nan", "inf"):
     assert cli.main(["--hf", REF, "--prompt", "x", "--temperature", t]) == 2
     assert "--temperature must be a finite number >= 0" in capsys.readouterr().err
-  assert cli.main(["--hf", REF, "--prompt", "\udcff\udcfe"]) == 2  # bytes the shell could not decode
+  # bytes the shell could not decode
+  assert cli.main(["--hf", REF, "--prompt", "\udcff\udcfe"]) == 2
   assert "--prompt is not valid UTF-8" in capsys.readouterr().err
