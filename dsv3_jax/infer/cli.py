@@ -157,7 +157,8 @@ def check_model_fit(args, m: dict) -> None:
   else:
     ids, name = _ids(args.prompt_ids, "--prompt-ids"), "--prompt-ids"
   vocab, longest = m["vocab_size"], m["max_position_embeddings"]
-  for flag, prompt, stop in ((name, ids, ()), ("--stop-ids", None, _ids(args.stop_ids, ""))):
+  stops = _ids(args.stop_ids, "--stop-ids")
+  for flag, prompt, stop in ((name, ids, ()), ("--stop-ids", None, stops)):
     if prompt is None and not stop:
       continue
     try:

@@ -35,13 +35,11 @@ from dsv3_jax.model.transformer import Transformer
 # ---------------------------------------------------------------------------- compilation
 
 # XLA:CPU options of every serving program: no YNNPACK (XLA's own dot and loop emitters).
-# XLA:CPU's default hands dots and reductions to YNNPACK, which is slow at decode sizes: in a
+# XLA:CPU's default hands dots and reductions to YNNPACK, which is slow at decode sizes (in a
 # profile of the batch-32 decode step its batched expert products [32, 8, 256] x [32, 256, 128]
-# ran at about 4 GB/s of weights read, 1.4x the time of XLA's own dot emitter, and its softmax
-# reductions over [32, 8, 256] scores took longer than the score product itself. The A/B against
-# XLA's defaults is in experiments/serving.py (results/serving.md, "XLA:CPU options"; greedy
-# tokens identical). Training keeps XLA's defaults (no difference beyond noise in a
-# benchmark_step A/B). Not used on other backends.
+# took the largest share of the step). The A/B against XLA's defaults, greedy tokens compared,
+# is experiments/serving.py's `compare_cpu_options` (results/serving.md, "XLA:CPU options").
+# Training keeps XLA's defaults. Not used on other backends.
 SERVING_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
