@@ -76,14 +76,48 @@ def _pipelined(schedule, stages, micro_batches, transfer="ppermute"):
   return jax.device_get((p, o, m))
 
 
+def _stacked(schedule, stages, micro_batches, transfer="all_gather"):
+  """The same step with the state in the pipeline layout (`make_stacked_pipeline_step`):
+  (params, other, metrics) back in the model layout, and the compiled program's
+  collectives by mesh axis."""
+  from dsv3_jax.cluster import hlo
+  from experiments._scale_layout import collectives_by_axis
+
+  c, mc, graphdef, (params, other), window, _, model = _reference()
+  mesh = make_pipeline_mesh(stages, 2, 2)
+  psh, osh = state_shardings(params, mesh), state_shardings(other, mesh)
+  opt = optax.sgd(1.0)
+  step = pipeline_step.make_stacked_pipeline_step(
+      graphdef, opt, mc, c.train, SEQ, mesh, psh, osh, schedule=schedule,
+      micro_batches=micro_batches, transfer=transfer)
+  state = jax.device_put(step.to_pipeline(*jax.device_get((params, other))), step.shardings)
+  opt_state = opt.init((state.stage_params, state.shared_params))
+  opt_state = jax.device_put(opt_state, step.opt_shardings(opt_state))
+  cap = model.layers[1].mlp.worst_case_capacity(BATCH * SEQ // micro_batches)
+  w = jax.device_put(window, NamedSharding(mesh, P(mesh.axis_names[1:])))
+  compiled = step.train_step.lower(state, opt_state, w, cap).compile()
+  state, _, m = compiled(state, opt_state, w)
+  axes = collectives_by_axis(hlo.parse_hlo(compiled.as_text(), n_devices=mesh.size), mesh)
+  p, o = step.to_model(jax.device_get(state))
+  return (p, o, jax.device_get(m)), axes
+
+
 @pytest.mark.parametrize("schedule,stages,micro_batches,transfer", [
     # DualPipe PP2 with the stage-axis-only transfer (its primitives equal ppermute's bit for
-    # bit: test_pipeline_transfer.py), the others with ppermute
+    # bit: test_pipeline_transfer.py; run with the state in the pipeline layout), the others
+    # with ppermute
     ("1F1B", 2, 4, "ppermute"), ("DualPipe", 2, 4, "all_gather"), ("1F1B", 4, 4, "ppermute"),
     ("DualPipe", 4, 8, "ppermute")])
 def test_pipelined_step_equals_unpipelined(schedule, stages, micro_batches, transfer):
   _, _, _, (p0, _), _, (p_ref, o_ref, m_ref), _ = _reference()
-  p, o, m = _pipelined(schedule, stages, micro_batches, transfer)
+  if transfer == "all_gather":
+    (p, o, m), axes = _stacked(schedule, stages, micro_batches, transfer)
+    # Only the layout's groups: one mesh axis each (or node+gpu, one node group), no
+    # collective-permute (the GSPMD moves of the model-layout step).
+    assert axes and all(r["kind"] != "collective-permute" for r in axes), axes
+    assert {r["axes"] for r in axes} <= {"stage", "node", "gpu", "node+gpu"}, axes
+  else:
+    p, o, m = _pipelined(schedule, stages, micro_batches, transfer)
   grad = lambda new: jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), p0, new)
   g_ref, g = grad(p_ref), grad(p)
   diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), g_ref, g))
