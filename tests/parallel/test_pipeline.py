@@ -18,7 +18,7 @@ from dsv3_jax.model.config import ModelConfig
 from dsv3_jax.model.transformer import Transformer
 from dsv3_jax.parallel import pipeline_schedule as ps
 from dsv3_jax.parallel.mesh import make_mesh, make_pipeline_mesh, shard_model, state_shardings
-from dsv3_jax.train import pipeline_step, step as step_lib
+from dsv3_jax.train import pipeline_stacked, pipeline_step, step as step_lib
 
 SEQ, BATCH = 8, 32
 
@@ -87,7 +87,7 @@ def _stacked(schedule, stages, micro_batches, transfer="all_gather"):
   mesh = make_pipeline_mesh(stages, 2, 2)
   psh, osh = state_shardings(params, mesh), state_shardings(other, mesh)
   opt = optax.sgd(1.0)
-  step = pipeline_step.make_stacked_pipeline_step(
+  step = pipeline_stacked.make_stacked_pipeline_step(
       graphdef, opt, mc, c.train, SEQ, mesh, psh, osh, schedule=schedule,
       micro_batches=micro_batches, transfer=transfer)
   state = jax.device_put(step.to_pipeline(*jax.device_get((params, other))), step.shardings)
