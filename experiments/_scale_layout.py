@@ -18,7 +18,8 @@ from collections import OrderedDict
 import numpy as np
 
 # Link class of each mesh axis (report §3.2 / Insights §5: NVLink inside a node, IB across).
-LINKS = {"gpu": "NVLink", "node": "IB", "replica": "IB"}
+# Pipeline stages are different nodes (`make_pipeline_mesh`: consecutive blocks of nodes).
+LINKS = {"gpu": "NVLink", "node": "IB", "replica": "IB", "stage": "IB"}
 
 
 def layout_label(ep_nodes: int, nodes: int, gpus: int) -> str:
@@ -159,6 +160,7 @@ def render_section(runs: list[dict], axis_rows: list[dict], script: str) -> str:
       "these runs), not a network.",
       "", f"Regenerate: `flock /tmp/dsv3_heavy.lock .venv/bin/python experiments/{script} "
       "--devices 512 --ep-nodes 8 [--zero1]` (and 1024; 2048 with `--max-processes 32`)."]
+  parts += _pipeline_rows()
   for r in runs:
     rs = [a for a in axis_rows if a["devices"] == r["devices"] and a["layout"] == r["layout"]
           and a["schedule"] == r["schedule"] and a["optimizer"] == r["optimizer"]]
@@ -172,3 +174,89 @@ def render_section(runs: list[dict], axis_rows: list[dict], script: str) -> str:
                            s(a["count"], 0), a["operands"], s(a["operand_bytes"], 0),
                            s(a["wire_bytes"], 0), us(a.get("h800_s"))] for a in rs])]
   return "\n".join(parts)
+
+
+def pipeline_h800_estimate(rows: list[dict], schedule: str, pp: int, micro_batches: int,
+                           moe_layers_per_stage: int, forward_flops: float, gpus: int,
+                           hw=None, point_to_point: bool = False) -> dict:
+  """H800 time of one pipelined step from its compiled collectives (`collectives_by_axis`
+  rows of `train.pipeline_stacked`'s program): the schedule's timeline
+  (`analysis.timeline.pipeline_tasks` + `simulate`) with per-op times built from the rows,
+  then the all-reduces once each (the gradient, norm and metric sums after the pipeline).
+
+  The program's rows are static occurrences (the slot loop's body and its switch branches
+  appear once in the text), so the per-op times are rebuilt from what one op of
+  `parallel.pipeline` executes. One MoE exchange set x = one dispatch and one combine per hop
+  (the largest all-to-all over `node` and over `gpu`, each twice) plus one of every smaller
+  all-to-all (routing metadata); the stage transfer t = the `stage` all-gathers; c = the
+  stage's forward compute, `forward_flops` per device at the BF16 dense peak. Then, with n MoE
+  layers per stage: F = c + n x + t; input-gradient B = 2c + 2n x + t (the forward recomputed,
+  then pulled back); W = 2c + 2n x; full backward = B + W; DualPipe's F&B = F + full backward
+  (no overlap credited). Collectives run one after another within an op (XLA:CPU executes
+  them synchronously), so it is an upper bound for this program. `point_to_point`: the stage
+  transfer as a real cluster sends it (one IB message to the neighbour stage, the
+  `ppermute` transfer: the all_gather's one shard at the IB bandwidth plus one cross-leaf
+  latency) instead of the emulation's ring all-gather over every stage.
+
+  Returns:
+    dict: step_s, pipeline_s (the timeline's makespan), tail_s (the all-reduces), F_s, B_s,
+    W_s, exchange_s (x), transfer_s (t), compute_s (c).
+  """
+  from dsv3_jax.analysis import hardware
+  from dsv3_jax.analysis.timeline import pipeline_tasks, simulate
+
+  hw = hw or hardware.H800
+  a2a = [r for r in rows if r["kind"] == "all-to-all" and r["axes"] in ("node", "gpu")]
+  exchange = 0.0
+  for axis in ("node", "gpu"):
+    mine = sorted((r for r in a2a if r["axes"] == axis), key=lambda r: -float(r["operand_bytes"]))
+    exchange += sum((2 if i == 0 else 1) * collective_seconds(r, gpus, hw)
+                    for i, r in enumerate(mine))
+  gathers = [r for r in rows if r["kind"] == "all-gather" and r["axes"] == "stage"]
+  if point_to_point:
+    from dsv3_jax.analysis import network
+    transfer = sum(float(r["operand_bytes"]) / hw.scale_out_bandwidth_effective
+                   + network.end_to_end_latency("infiniband", 3) for r in gathers)
+  else:
+    transfer = sum(collective_seconds(r, gpus, hw) for r in gathers)
+  c = float(forward_flops) / hw.bf16_dense_flops
+  n = int(moe_layers_per_stage)
+  f = c + n * exchange + transfer
+  b = 2 * c + 2 * n * exchange + transfer
+  w = 2 * c + 2 * n * exchange
+  kw = dict(F=f, B=b + w, W=w)
+  if schedule == "DualPipe":
+    kw["FB"] = f + b + w
+  tasks, _ = pipeline_tasks(schedule, pp, micro_batches, **kw)
+  pipeline_s = simulate(tasks).makespan
+  tail = sum(int(r["count"]) * collective_seconds(r, gpus, hw) for r in rows
+             if r["kind"] == "all-reduce")
+  return dict(step_s=pipeline_s + tail, pipeline_s=pipeline_s, tail_s=tail, F_s=f, B_s=b,
+              W_s=w, exchange_s=exchange, transfer_s=transfer, compute_s=c)
+
+
+def _pipeline_rows() -> list[str]:
+  """The pipelined layout's executed rows (results/pipeline_2048.csv, written by
+  experiments/pipeline_2048.py), for the section above; [] before that script has run."""
+  import csv
+  import os
+
+  from experiments import _report as R
+
+  path = R.path("pipeline_2048", "csv")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    runs = sorted((r for r in csv.DictReader(f) if r.get("table") == "run"
+                   and r["executed"] == "yes"), key=lambda r: float(r["devices"]))
+  f1 = lambda v: f"{float(v):,.1f}"
+  return ["", "With pipeline stages added (PP x DP2 x EP64, V3 report §3.2; "
+          "`make_stacked_pipeline_step`, 1F1B; details in results/pipeline_2048.md):", "",
+          R.md_table(["devices", "mesh", "micro-batches", "processes x devices", "compile (s)",
+                      "step (s)", "peak RSS, largest process (GiB)", "peak RSS sum (GiB)",
+                      "H800 estimate (µs)"],
+                     [[f"{int(float(r['devices'])):,}", r["mesh"], r["micro_batches"],
+                       f"{r['processes']} x {r['local_devices']}", f1(r["compile_s"]),
+                       f1(r["step_s"]), f"{float(r['peak_rss_max_process_bytes']) / 2**30:.2f}",
+                       f"{float(r['peak_rss_sum_bytes']) / 2**30:.2f}",
+                       f"{float(r['h800_step_s']) * 1e6:,.0f}"] for r in runs])]

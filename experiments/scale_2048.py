@@ -674,7 +674,15 @@ def main(argv=None) -> None:
   ap.add_argument("--from-launch", default="", metavar="DIR",
                   help="build the row of the one --devices/--schedules configuration from a "
                   "finished launch's log directory instead of running it again")
+  ap.add_argument("--render", action="store_true",
+                  help="only rewrite results/scale_2048.md and .png from the csv (and the "
+                       "pipelined rows from results/pipeline_2048.csv)")
   a = ap.parse_args(argv)
+  if a.render:
+    from experiments import _report as R
+    render(_read_csv(R.path(NAME, "csv")))
+    print(f"wrote results/{NAME}.md, .png")
+    return
   devices = (tuple(int(v) for v in a.devices.split(",")) if a.devices else
              DEVICE_COUNTS if a.table else (2048,))
   schedules = (tuple(a.schedules.split(",")) if a.schedules else
