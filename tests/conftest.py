@@ -45,6 +45,7 @@ LONG_FILES = (
     "tests/train/test_reliability.py",
     "tests/parallel/test_pipeline_train.py",
     "tests/train/test_multiprocess_training.py",
+    "tests/cluster/test_pipeline_processes.py",
     "tests/train/test_zero1.py",
     "tests/train/test_trainer.py",
     "tests/parallel/test_dispatch.py",

@@ -80,8 +80,9 @@ def make_stacked_pipeline_step(graphdef, optimizer: optax.GradientTransformation
   the compiled program's collectives are the layout's: the stage transfer over `stage`, the
   MoE all-to-alls over `node` and `gpu`, the gradient and metric sums one mesh axis at a time
   (XLA may fold consecutive sums into one group over (`node`, `gpu`), inside a node group's
-  process): groups small enough for the gloo limits of ../shared/NOTES-2048.md. (Not yet
-  executed at 2048 devices: experiments/pipeline_2048.py still compiles the model-layout step.)
+  process): groups small enough for the gloo limits of ../shared/NOTES-2048.md. Executed at
+  2048 devices, PP16 x DP2 x EP64 on 16 processes (experiments/pipeline_2048.py,
+  results/pipeline_2048.md; across processes: tests/cluster/test_pipeline_processes.py).
 
   The optimizer sees each stage leaf without its stage dimension (its own stage's array), so
   masks and per-leaf rules (AdamW's decay mask on matrices) treat a leaf as in the model
