@@ -321,8 +321,12 @@ def measure(a, log=print) -> list[dict]:
              h800_transfer_s=est["transfer_s"],
              max_group=max(x["group_size"] for x in res["axes"]))
   gpus = a.gpus
-  axes = [dict(table="axes", devices=n, schedule=a.schedule, executed=row["executed"], **x,
-               h800_s=_scale_layout.collective_seconds(x, gpus)) for x in res["axes"]]
+  # The link class from today's `_scale_layout.LINKS` (a --from-launch result keeps its own)
+  link = lambda axes: ("IB" if any(_scale_layout.LINKS.get(x) == "IB" for x in axes.split("+"))
+                       else "NVLink")
+  axes = [dict(table="axes", devices=n, schedule=a.schedule, executed=row["executed"],
+               **dict(x, link=link(x["axes"])), h800_s=_scale_layout.collective_seconds(x, gpus))
+          for x in res["axes"]]
   return [row] + axes
 
 
