@@ -1,5 +1,6 @@
 """DeepSeek-V3's full training layout, PP16 x DP2 x EP64, executed on 2048 emulated devices
-(32 processes x 64), with the state kept in the pipeline layout.
+(16 processes x 128 with `--processes 16`; default one EP group of 64 per process), with the
+state kept in the pipeline layout.
 
 V3 report §3.2: 16-way pipeline parallelism, 64-way expert parallelism over 8 nodes, ZeRO-1
 data parallelism. Mesh (`stage`, `replica`, `node`, `gpu`) = (16, 2, 8, 8)
@@ -19,7 +20,7 @@ Reported per configuration: build + lower, compile, communicator warm-up, each s
 the loss, peak resident memory (largest process and the launcher's sampled sum), the state
 bytes per device, the executed idle slots per stage against the slot-table simulator and the
 Table 2 formula, the compiled collectives by mesh axis (kind, group size, bytes per device),
-and the H800 estimate of the same step from them (`_scale_layout.h800_estimate`).
+and the H800 estimate of the same step from them (`_scale_layout.pipeline_h800_estimate`).
 
     python experiments/pipeline_2048.py [--stages 16 --nodes 16 --gpus 8 --ep-nodes 8
         --micro-batches 16 --schedule 1F1B --seq-len 16 --steps 1 --processes P]
@@ -58,11 +59,18 @@ def _args(argv=None):
                   help="log directory of a finished launch of this configuration: report "
                        "its results instead of running again")
   a = ap.parse_args(argv)
-  for name in ("stages", "nodes", "gpus", "ep_nodes", "micro_batches", "seq_len", "steps"):
+  if a.stages < 2:
+    ap.error(f"--stages={a.stages}: a pipeline needs >= 2 stages")
+  for name in ("nodes", "gpus", "ep_nodes", "micro_batches", "seq_len", "steps"):
     if getattr(a, name) < 1:
       ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
   if a.nodes % a.ep_nodes:
     ap.error(f"--ep-nodes={a.ep_nodes} must divide --nodes={a.nodes}")
+  from dsv3_jax.parallel import pipeline_schedule as ps  # (no jax import)
+  try:
+    ps.check_micro_batches(a.schedule, a.stages, a.micro_batches)
+  except ValueError as e:
+    ap.error(f"--schedule {a.schedule} --stages {a.stages} --micro-batches {a.micro_batches}: {e}")
   groups = a.stages * a.nodes // a.ep_nodes  # EP groups in the cluster
   if a.processes < 0 or (a.processes and groups % a.processes):
     ap.error(f"--processes={a.processes} must divide the {groups} EP groups (stages x "
@@ -260,6 +268,9 @@ def measure(a, log=print) -> list[dict]:
     r = launch.launch(f"experiments.{NAME}:pipeline_worker", n, 1,
                       dict(kwargs, execute=False), timeout_s=a.timeout, max_local_devices=n)
   elif a.from_launch:
+    if not os.path.isfile(os.path.join(a.from_launch, "result_0.json")):
+      raise SystemExit(f"--from-launch {a.from_launch}: no result_0.json there (give the log "
+                       "directory of a finished launch)")
     r = launch.read_results(a.from_launch, _groups(a))
   else:
     p = a.processes or a.stages * replicas  # default: one EP group per process
@@ -269,9 +280,14 @@ def measure(a, log=print) -> list[dict]:
     r = launch.launch(f"experiments.{NAME}:pipeline_worker", n, p, kwargs,
                       group_sizes=_groups(a), timeout_s=a.timeout, echo=True, env=env)
   res = r.results[0]
-  if res["devices"] != n or res["schedule"] != a.schedule:
-    raise ValueError(f"results of {res['devices']} devices / {res['schedule']}, not the "
-                     f"requested {n} / {a.schedule}")
+  want = dict(devices=n, schedule=a.schedule, micro_batches=a.micro_batches,
+              seq_len=a.seq_len, mesh=dict(zip(("stage", "replica", "node", "gpu"), (
+                  a.stages, a.nodes // a.ep_nodes, a.ep_nodes, a.gpus))))
+  if a.nodes == a.ep_nodes:
+    want["mesh"].pop("replica")
+  got = {k: res.get(k) for k in want}
+  if got != want:
+    raise SystemExit(f"results hold {got}, not the requested {want}")
   executed = "step_s" in res
   table = ps.build_slot_table(a.schedule, a.stages, a.micro_batches)
   row = dict(table="run", devices=n, schedule=a.schedule, executed="yes" if executed else "no",
@@ -288,7 +304,9 @@ def measure(a, log=print) -> list[dict]:
              simulated_activations="/".join(map(str, table.peak_per_rank["x"])),
              peak_rss_max_process_bytes=max(r.peak_rss), peak_rss_sum_bytes=sum(r.peak_rss),
              peak_rss_sampled_bytes=r.peak_rss_total or "", wall_s=r.wall_s,
-             measured_at=time.strftime("%Y-%m-%d %H:%M"))
+             measured_at=time.strftime("%Y-%m-%d %H:%M", time.localtime(
+                 os.path.getmtime(os.path.join(r.log_dir, "result_0.json"))
+                 if a.from_launch else time.time())))
   if executed:
     by_stage = {}
     for x in r.results:  # every process of a stage reports the same per-stage metrics
@@ -435,7 +453,7 @@ def render(rows: list[dict]) -> None:
                        for x in rs])]
   md += ["", f"Regenerate (each run replaces its own rows): `flock /tmp/dsv3_heavy.lock "
          f".venv/bin/python experiments/{NAME}.py --processes 16` (2048 devices, one stage "
-         "per process, ~25 min), `... --stages 4 --micro-batches 4 --steps 2` (512 devices, "
+         "per process, ~22 min), `... --stages 4 --micro-batches 4 --steps 2` (512 devices, "
          "one EP group per process, ~6 min); `--compile-only` compiles in one process."]
   with open(R.path(NAME, "md"), "w") as f:
     f.write("\n".join(md) + "\n")
