@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from dsv3_jax import xla_cpu
 from dsv3_jax.infer import cache as cache_lib
 from dsv3_jax.infer import overlap as overlap_lib
 from dsv3_jax.infer.attention import mla_decode
@@ -39,17 +40,15 @@ from dsv3_jax.model.transformer import Transformer
 # profile of the batch-32 decode step its batched expert products [32, 8, 256] x [32, 256, 128]
 # took the largest share of the step). The A/B against XLA's defaults, greedy tokens compared,
 # is experiments/serving.py's `compare_cpu_options` (results/serving.md, "XLA:CPU options").
-# Training keeps XLA's defaults. Not used on other backends.
-SERVING_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+# Not used on other backends.
+SERVING_CPU_OPTIONS = dict(xla_cpu.NO_YNNPACK)
 
 
 def serving_jit(fn, **kwargs):
   """`jax.jit(fn, **kwargs)`, with `compiler_options=SERVING_CPU_OPTIONS` on a CPU backend
   unless `kwargs` sets compiler_options (the options are read here, when the program is
   jitted)."""
-  if jax.default_backend() == "cpu":
-    kwargs.setdefault("compiler_options", SERVING_CPU_OPTIONS)
-  return jax.jit(fn, **kwargs)
+  return xla_cpu.cpu_jit(fn, SERVING_CPU_OPTIONS, **kwargs)
 
 
 # ---------------------------------------------------------------------------- placement

@@ -40,6 +40,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from dsv3_jax import xla_cpu
 from dsv3_jax.model.config import ModelConfig
 from dsv3_jax.model.moe import DeepSeekMoE
 from dsv3_jax.train import zero1 as zero1_lib
@@ -51,12 +52,19 @@ GRAD_SUMS = ("auto", "mesh", "per_axis")
 # One process of XLA:CPU blocks at most 256 devices in a collective (README, "More than 256
 # devices"); above, the emulation is multi-process and reduces axis by axis.
 PER_AXIS_ABOVE_DEVICES = 256
+# XLA:CPU options of the train and eval steps (`xla_cpu.NO_YNNPACK`; read when a step is
+# jitted, so emptying it gives XLA's defaults: experiments/benchmark_step.py's A/B row).
+TRAIN_CPU_OPTIONS = dict(xla_cpu.NO_YNNPACK)
 
 # A loss: (model, data, capacity) -> (objective, (metrics, moe_stats)). `objective` is this
 # device's share of the loss (the loss is its sum over devices); `metrics` a dict of per-device
 # float32 scalars, averaged over devices; `moe_stats` the model's `MoEStats`, one per MoE layer in
 # the order of `moe_layers(model)` (their dispatch statistics are already summed over devices).
 LossFn = Callable[[Any, Any, tuple], tuple[jax.Array, tuple[dict, list]]]
+
+
+def _jit(fn, **kwargs):
+  return xla_cpu.cpu_jit(fn, TRAIN_CPU_OPTIONS, **kwargs)
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -354,11 +362,11 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_fn: 
 
   donated = (0, 1, 2) if donate else ()
   if mesh is None:
-    return jax.jit(train_step, static_argnums=(4,), donate_argnums=donated)
+    return _jit(train_step, static_argnums=(4,), donate_argnums=donated)
   state_sh = (param_shardings, other_shardings, opt_shardings)
-  return jax.jit(train_step, static_argnums=(4,), donate_argnums=donated,
-                 in_shardings=state_sh + (NamedSharding(mesh, P(axes)),),
-                 out_shardings=state_sh + (None,))
+  return _jit(train_step, static_argnums=(4,), donate_argnums=donated,
+              in_shardings=state_sh + (NamedSharding(mesh, P(axes)),),
+              out_shardings=state_sh + (None,))
 
 
 def make_step_fns(graphdef, optimizer, model_cfg: ModelConfig, train_cfg, seq_len: int,
@@ -413,11 +421,11 @@ def make_step_fns(graphdef, optimizer, model_cfg: ModelConfig, train_cfg, seq_le
     return nats, count, needed_capacity(out.moe_stats)
 
   if mesh is None:
-    return StepFns(train_jit, jax.jit(per_device_eval, static_argnums=(3,)))
+    return StepFns(train_jit, _jit(per_device_eval, static_argnums=(3,)))
   p_spec, o_spec, tok = _specs(param_shardings), _specs(other_shardings), P(axes)
   eval_fn = lambda p, o, w, c: jax.shard_map(
       lambda p, o, w: per_device_eval(p, o, w, c), mesh=mesh, in_specs=(p_spec, o_spec, tok),
       out_specs=(P(), P(), P()))(p, o, w)
-  eval_jit = jax.jit(eval_fn, static_argnums=(3,),
-                     in_shardings=(param_shardings, other_shardings, NamedSharding(mesh, tok)))
+  eval_jit = _jit(eval_fn, static_argnums=(3,),
+                  in_shardings=(param_shardings, other_shardings, NamedSharding(mesh, tok)))
   return StepFns(train_jit, eval_jit)
