@@ -46,20 +46,22 @@ class StepSession:
     overrides: `ModelConfig` fields replaced in the configs/tiny.py model, e.g.
       `dict(num_nextn_predict_layers=0)` or `dict(dtype="bfloat16", fp8=True)`.
     batch: sequences of 256 bytes per step (>= 1).
+    xla_defaults: compile with XLA:CPU's default options instead of the training step's
+      `step.TRAIN_CPU_OPTIONS` (the A/B of that choice).
 
   Attributes:
     compile_s: seconds to lower and compile the step (s).
     model_cfg, train_cfg: the configs used; windows(n): the first n token windows of the data.
   """
 
-  def __init__(self, overrides: dict, batch: int):
+  def __init__(self, overrides: dict, batch: int, xla_defaults: bool = False):
     import jax
     from flax import nnx
 
     from configs import tiny
     from dsv3_jax.model.config import ModelConfig
     from dsv3_jax.model.transformer import Transformer
-    from dsv3_jax.train import data, trainer
+    from dsv3_jax.train import data, step, trainer
 
     cfg = tiny.get_config()
     cfg.train.steps = 1000
@@ -73,7 +75,13 @@ class StepSession:
     graphdef, params, other = nnx.split(model, nnx.Param, ...)
     opt = trainer.make_optimizer(cfg.train)
     self.state = (params, other, opt.init(params))
-    fns = trainer.make_step_fns(graphdef, opt, mc, cfg.train, SEQ_LEN)
+    saved = dict(step.TRAIN_CPU_OPTIONS)
+    if xla_defaults:
+      step.TRAIN_CPU_OPTIONS.clear()  # read when make_step_fns jits the step
+    try:
+      fns = trainer.make_step_fns(graphdef, opt, mc, cfg.train, SEQ_LEN)
+    finally:
+      step.TRAIN_CPU_OPTIONS.update(saved)
     cap = (1,)  # one device: the grouped expert kernel is dropless, no capacity applies
     t0 = time.perf_counter()
     self.compiled = fns.train_step.lower(*self.state, jax.numpy.asarray(self.ds[0]),

@@ -11,11 +11,15 @@ clock, synchronised, and process CPU time), the order alternating between rounds
 is shared, so only ratios within a round mean much: each round's ratio is the reference's median
 step time over the project's (> 1: the project is faster), and the table reports the median over
 rounds. The MTP variant (depth 1, as trained) is compared with the same reference (HF has no
-MTP module). Prints and writes compile time, step time, tokens/s, peak resident memory and the
-ratios to results/benchmark_step.{md,csv,png} (per round: benchmark_step_rounds.csv).
+MTP module). A third variant compiles the no-MTP step with XLA:CPU's default options (YNNPACK)
+instead of the training step's `step.TRAIN_CPU_OPTIONS`, the A/B of that choice in the same
+rounds. Then `--mesh-rounds` paired rounds of the main job's step on the emulated 4 x 8 mesh
+against the same model on one device at the same global batch (experiments/_mesh_timing.py).
+Prints and writes compile time, step time, tokens/s, peak resident memory and the ratios to
+results/benchmark_step.{md,csv,png} (per round: benchmark_step_rounds.csv).
 
-    python experiments/benchmark_step.py [--rounds 5] [--steps 5] [--train-steps 20] [--quick]
-        [--no-torch] [--torch-python .venv-torch/bin/python]
+    python experiments/benchmark_step.py [--rounds 5] [--steps 5] [--train-steps 20]
+        [--mesh-rounds 3] [--quick] [--no-torch] [--torch-python .venv-torch/bin/python]
 
 Without the torch environment it says how to create it and exits with status 2 (--no-torch
 times the project alone).
@@ -38,10 +42,15 @@ TORCH_VENV_HELP = ("python3 -m venv .venv-torch && .venv-torch/bin/pip install t
                    "transformers==5.24.0")
 
 VARIANTS = (
-    # (name, model overrides)
-    ("tiny, no MTP (equal-size comparison)", dict(num_nextn_predict_layers=0)),
-    ("tiny + MTP depth 1 (as trained)", dict(num_nextn_predict_layers=1)),
+    # (name, model overrides, XLA:CPU's default options instead of step.TRAIN_CPU_OPTIONS)
+    ("tiny, no MTP (equal-size comparison)", dict(num_nextn_predict_layers=0), False),
+    ("tiny + MTP depth 1 (as trained)", dict(num_nextn_predict_layers=1), False),
+    ("tiny, no MTP, XLA:CPU defaults (YNNPACK dots and reductions)",
+     dict(num_nextn_predict_layers=0), True),
 )
+# The mesh comparison (experiments/_mesh_timing.py): timed steps per program and round, and
+# untimed steps first (a mesh step takes seconds here).
+MESH_STEPS, MESH_TRAIN_STEPS = 3, 3
 TORCH_NAME = "PyTorch reference (HF DeepseekV3ForCausalLM, no MTP)"
 
 
@@ -51,6 +60,8 @@ def main() -> None:
   ap.set_defaults(steps=5, train_steps=20)
   ap.add_argument("--rounds", type=int, default=5, help="paired rounds (>= 1)")
   ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+  ap.add_argument("--mesh-rounds", type=int, default=3,
+                  help="paired rounds of the 4 x 8 mesh against one device (0 = skip)")
   ap.add_argument("--torch-python", default=os.environ.get(
       "DSV3_TORCH_PYTHON", os.path.join(ROOT, ".venv-torch", "bin", "python")),
                   help="python of the environment with torch and transformers")
@@ -58,8 +69,11 @@ def main() -> None:
   args = T.parse_args(ap)
   if args.quick:
     args.rounds = min(args.rounds, 2)
+    args.mesh_rounds = min(args.mesh_rounds, 1)
   if args.rounds < 1:
     ap.error("--rounds must be >= 1")
+  if args.mesh_rounds < 0:
+    ap.error("--mesh-rounds must be >= 0")
   if not args.no_torch and not os.path.exists(args.torch_python):
     print(f"the PyTorch reference needs a separate environment with torch and transformers; "
           f"{args.torch_python} does not exist. Create it from the checkout with\n\n    "
@@ -71,8 +85,8 @@ def main() -> None:
   from torch_reference import TorchReference
 
   sessions = []
-  for name, overrides in VARIANTS:
-    s = T.StepSession(overrides, args.batch)
+  for name, overrides, xla_defaults in VARIANTS:
+    s = T.StepSession(overrides, args.batch, xla_defaults=xla_defaults)
     print(f"{name}: compiled in {s.compile_s:.1f} s", flush=True)
     s.run(args.train_steps, timed=False)  # realistic routing state
     sessions.append((name, s))
@@ -121,6 +135,11 @@ def main() -> None:
     print(" | ".join(line), flush=True)
   if ref:
     ref.close()
+  mesh = None
+  if args.mesh_rounds:
+    from _mesh_timing import measure_mesh
+    mesh = measure_mesh(args.mesh_rounds, MESH_STEPS, MESH_TRAIN_STEPS,
+                        log=lambda m: print(m, flush=True))
 
   rows = []
   for n in programs:
@@ -148,7 +167,7 @@ def main() -> None:
           f"{r['tokens_per_s']:.0f} tokens/s" +
           (f" | {r['ratio_to_torch_median']:.2f}x torch (median of {args.rounds} rounds)"
            if "ratio_to_torch_median" in r else ""), flush=True)
-  print(f"peak resident memory: this process (both JAX variants) {peak / 2**30:.2f} GiB" +
+  print(f"peak resident memory: this process (the JAX variants) {peak / 2**30:.2f} GiB" +
         (f", torch reference {torch_rss / 2**30:.2f} GiB" if ref else ""), flush=True)
 
   os.makedirs(args.out, exist_ok=True)
@@ -156,6 +175,18 @@ def main() -> None:
   keys = ["variant", "compile_s", "step_s", "step_min_s", "step_cpu_s", "tokens_per_s",
           "load_max_over_mean", "dropped", "ratio_to_torch_median", "ratio_to_torch_min",
           "ratio_to_torch_max", "cpu_ratio_to_torch_median"]
+  if mesh:
+    one_tok = mesh["batch"] * T.SEQ_LEN / mesh["step_s"]["one device"]
+    for name, prog in (("4x8 emulated mesh, main job's step (orion_4x8)", "mesh"),
+                       ("one device, main job's model at its global batch", "one device")):
+      rows.append(dict(variant=name, compile_s=mesh["compile_s"][prog],
+                       step_s=mesh["step_s"][prog],
+                       tokens_per_s=mesh["batch"] * T.SEQ_LEN / mesh["step_s"][prog]))
+    print(f"4x8 mesh: {rows[-2]['tokens_per_s']:.0f} tokens/s = "
+          f"{rows[-2]['tokens_per_s'] / one_tok:.2f}x one device at batch {mesh['batch']} "
+          f"(median per-round ratio "
+          f"{float(np.median([x['ratio'] for x in mesh['rounds']])):.2f}; target >= 0.8)",
+          flush=True)
   with open(base + ".csv", "w", newline="") as f:
     w = csv.DictWriter(f, fieldnames=keys)
     w.writeheader()
@@ -189,17 +220,18 @@ def main() -> None:
       "| x PyTorch, CPU time | expert load max/mean | dropped |",
       "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
   ]
-  for r in rows:
+  for r in rows[:len(programs)]:
     ratio = (f"{r['ratio_to_torch_median']:.2f} [{r['ratio_to_torch_min']:.2f}, "
              f"{r['ratio_to_torch_max']:.2f}]" if "ratio_to_torch_median" in r else "")
     lines.append(f"| {r['variant']} | {fmt(r['compile_s'])} | {r['step_s'] * 1e3:.0f} | "
                  f"{r['step_cpu_s'] * 1e3:.0f} | {r['tokens_per_s']:.0f} | {ratio} | "
                  f"{fmt(r.get('cpu_ratio_to_torch_median'), 2)} | "
                  f"{fmt(r.get('load_max_over_mean'), 2)} | {fmt(r.get('dropped'), 0)} |")
-  lines += ["", f"Peak resident memory: this process (both JAX variants compiled and trained) "
+  lines += ["", f"Peak resident memory: this process (the JAX variants compiled and trained) "
             f"{peak / 2**30:.2f} GiB" + (f"; the PyTorch reference {torch_rss / 2**30:.2f} GiB."
                                          if ref else "."),
-            "", "Per round: results/benchmark_step_rounds.csv. Where the time goes: "
+            ""] + (mesh_lines(mesh, args.mesh_rounds) if mesh else []) + [
+            "Per round: results/benchmark_step_rounds.csv. Where the time goes: "
             "results/profile_step.md (`experiments/profile_step.py`)."]
   with open(base + ".md", "w") as f:
     f.write("\n".join(lines) + "\n")
@@ -209,12 +241,41 @@ def main() -> None:
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(7, 3))
   ax.barh([r["variant"] for r in rows], [r["tokens_per_s"] for r in rows],
-          color=["C0"] * len(sessions) + (["0.6"] if ref else []))
+          color=["C0"] * len(sessions) + (["0.6"] if ref else []) + ["C1"] * (len(rows)
+                                                                        - len(programs)))
   ax.set_xlabel("tokens / s (tiny config, 8 x 256, fp32; median step)")
   ax.invert_yaxis()
   fig.tight_layout()
   fig.savefig(base + ".png", dpi=120)
   print(f"wrote {base}.md, .csv, _rounds.csv, .png")
+
+
+def mesh_lines(mesh: dict, rounds: int) -> list:
+  """The results section of the mesh comparison (`_mesh_timing.measure_mesh`'s result)."""
+  import numpy as np
+  ratios = [r["ratio"] for r in mesh["rounds"]]
+  lines = [
+      "## The emulated 4 x 8 mesh against one device, same global batch",
+      "",
+      f"`experiments/_mesh_timing.py`, one child process with {mesh['devices']} emulated CPU "
+      f"devices and dsv3-train's XLA flags: the main job's training step (configs/orion_4x8.py: "
+      f"ZeRO-1, flat dispatch with capacity, MTP depth 1) and the same model on the child's "
+      f"first device (dropless grouped kernel), {mesh['batch']} sequences x 256 bytes each, "
+      f"{MESH_TRAIN_STEPS} untimed steps, then {rounds} rounds of {MESH_STEPS} timed steps "
+      "per program, alternating. Ratio = the one-device median step over the mesh's (the "
+      "mesh's tokens/s as a fraction of one device's; target >= 0.8).",
+      "",
+      "| program | compile (s) | step (ms) | tokens/s |",
+      "|---|---:|---:|---:|"]
+  for name, prog in (("4x8 emulated mesh (32 devices)", "mesh"), ("one device", "one device")):
+    st = mesh["step_s"][prog]
+    lines.append(f"| {name} | {mesh['compile_s'][prog]:.1f} | {st * 1e3:.0f} | "
+                 f"{mesh['batch'] * 256 / st:.0f} |")
+  lines += ["", f"Mesh / one device, per round: " + ", ".join(f"{r:.2f}" for r in ratios) +
+            f"; median {float(np.median(ratios)):.2f}. Peak resident memory of the child "
+            f"(both programs compiled and trained): {mesh['peak_rss_bytes'] / 2**30:.2f} GiB.",
+            ""]
+  return lines
 
 
 if __name__ == "__main__":
