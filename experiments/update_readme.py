@@ -21,6 +21,8 @@ BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 SECTIONS = (
     ("main_job.md", "Main job (`make train`)", 0, None),
     ("benchmark_step.md", "Training-step throughput (tiny config, one device)", 0, None),
+    ("benchmark_step.md", "Training step: the emulated 4 x 8 mesh against one device",
+     "The emulated 4 x 8 mesh against one device, same global batch", r"^Mesh / one device"),
     ("node_limited_routing.md", "Node-limited routing: inter-node copies per token", 0,
      r"^Two-hop inter-node copies are bounded"),
     ("scale_2048.md", "Scaling to 2048 emulated devices",
