@@ -16,9 +16,17 @@ NO_YNNPACK = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 def cpu_jit(fn, options: dict, **kwargs):
-  """`jax.jit(fn, **kwargs)`, compiled with `compiler_options=options` on a CPU backend unless
-  `kwargs` sets compiler_options or `options` is empty. `options` is read now, when the program
-  is jitted (a caller may pass a module-level dict that an A/B empties for XLA's defaults)."""
+  """`jax.jit(fn, **kwargs)`, compiled with XLA:CPU compiler options on a CPU backend.
+
+  Args:
+    fn, kwargs: as `jax.jit`.
+    options: XLA DebugOptions fields to strings or values (e.g. `NO_YNNPACK`), passed as
+      `compiler_options` when the default backend is CPU; {} (or a `compiler_options` in
+      `kwargs`) compiles with XLA's defaults. Copied now: later changes to the dict do nothing.
+
+  Returns:
+    The jitted function (lowering or calling it compiles with the options).
+  """
   if jax.default_backend() == "cpu" and options:
     kwargs.setdefault("compiler_options", dict(options))
   return jax.jit(fn, **kwargs)

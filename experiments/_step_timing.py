@@ -75,13 +75,8 @@ class StepSession:
     graphdef, params, other = nnx.split(model, nnx.Param, ...)
     opt = trainer.make_optimizer(cfg.train)
     self.state = (params, other, opt.init(params))
-    saved = dict(step.TRAIN_CPU_OPTIONS)
-    if xla_defaults:
-      step.TRAIN_CPU_OPTIONS.clear()  # read when make_step_fns jits the step
-    try:
-      fns = trainer.make_step_fns(graphdef, opt, mc, cfg.train, SEQ_LEN)
-    finally:
-      step.TRAIN_CPU_OPTIONS.update(saved)
+    fns = step.make_step_fns(graphdef, opt, mc, cfg.train, SEQ_LEN,
+                             cpu_options={} if xla_defaults else None)
     cap = (1,)  # one device: the grouped expert kernel is dropless, no capacity applies
     t0 = time.perf_counter()
     self.compiled = fns.train_step.lower(*self.state, jax.numpy.asarray(self.ds[0]),

@@ -32,7 +32,7 @@ its slice, and the new parameters are all-gathered (per_axis: axis by axis, in t
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -52,8 +52,8 @@ GRAD_SUMS = ("auto", "mesh", "per_axis")
 # One process of XLA:CPU blocks at most 256 devices in a collective (README, "More than 256
 # devices"); above, the emulation is multi-process and reduces axis by axis.
 PER_AXIS_ABOVE_DEVICES = 256
-# XLA:CPU options of the train and eval steps (`xla_cpu.NO_YNNPACK`; read when a step is
-# jitted, so emptying it gives XLA's defaults: experiments/benchmark_step.py's A/B row).
+# XLA:CPU options of the train and eval steps by default (`xla_cpu.NO_YNNPACK`); the step
+# builders take `cpu_options` to override them ({} = XLA's defaults: benchmark_step's A/B row).
 TRAIN_CPU_OPTIONS = dict(xla_cpu.NO_YNNPACK)
 
 # A loss: (model, data, capacity) -> (objective, (metrics, moe_stats)). `objective` is this
@@ -63,8 +63,8 @@ TRAIN_CPU_OPTIONS = dict(xla_cpu.NO_YNNPACK)
 LossFn = Callable[[Any, Any, tuple], tuple[jax.Array, tuple[dict, list]]]
 
 
-def _jit(fn, **kwargs):
-  return xla_cpu.cpu_jit(fn, TRAIN_CPU_OPTIONS, **kwargs)
+def _jit(fn, cpu_options: Optional[dict], **kwargs):
+  return xla_cpu.cpu_jit(fn, TRAIN_CPU_OPTIONS if cpu_options is None else cpu_options, **kwargs)
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -201,7 +201,8 @@ def _spec_axes(spec: P) -> set:
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_fn: LossFn, *,
                     bias_update_speed: float, mesh=None, param_shardings=None,
                     other_shardings=None, opt_shardings=None, grad_sum: str = "auto",
-                    donate: bool = False, discard_overflow: bool = False, zero1: bool = False):
+                    donate: bool = False, discard_overflow: bool = False, zero1: bool = False,
+                    cpu_options: Optional[dict] = None):
   """The jitted training step of a split nnx model with DeepSeekMoE layers.
 
   Args:
@@ -227,6 +228,8 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_fn: 
       the shard_map, "mesh" scatters over the whole mesh at once and leaves the sliced update
       and the gather to GSPMD. Needs a mesh. The same update up to float summation order (the
       clipping norm sums slices; tests/train/test_zero1.py).
+    cpu_options: XLA:CPU compiler options (DebugOptions fields, e.g. `xla_cpu.NO_YNNPACK`);
+      None = `TRAIN_CPU_OPTIONS`, {} = XLA's defaults. Ignored on other backends.
 
   Returns:
     train_step(params, other, opt_state, data, capacity) -> (params, other, opt_state, metrics),
@@ -362,9 +365,9 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_fn: 
 
   donated = (0, 1, 2) if donate else ()
   if mesh is None:
-    return _jit(train_step, static_argnums=(4,), donate_argnums=donated)
+    return _jit(train_step, cpu_options, static_argnums=(4,), donate_argnums=donated)
   state_sh = (param_shardings, other_shardings, opt_shardings)
-  return _jit(train_step, static_argnums=(4,), donate_argnums=donated,
+  return _jit(train_step, cpu_options, static_argnums=(4,), donate_argnums=donated,
               in_shardings=state_sh + (NamedSharding(mesh, P(axes)),),
               out_shardings=state_sh + (None,))
 
@@ -372,12 +375,14 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_fn: 
 def make_step_fns(graphdef, optimizer, model_cfg: ModelConfig, train_cfg, seq_len: int,
                   mesh=None, param_shardings=None, other_shardings=None,
                   opt_shardings=None, grad_sum: str = "auto", donate: bool = False,
-                  discard_overflow: bool = False, zero1: bool = False) -> StepFns:
+                  discard_overflow: bool = False, zero1: bool = False,
+                  cpu_options: Optional[dict] = None) -> StepFns:
   """Builds the jitted language-model train and eval steps for a split `Transformer`.
 
   The train step's loss is CE + lambda * MTP + alpha * balance (`losses.compute_losses`) over
   token windows [B, S + 1 + D] int32 (`losses.make_batch`); see `make_train_step` for the
-  arguments, the mesh, `grad_sum`, `donate`, `discard_overflow` and `zero1`. The eval step returns the held-out nats summed over
+  arguments, the mesh, `grad_sum`, `donate`, `discard_overflow`, `zero1` and `cpu_options`
+  (both steps compile with them). The eval step returns the held-out nats summed over
   every predicted token, their count, and the capacity the step needed.
 
   Raises:
@@ -404,7 +409,7 @@ def make_step_fns(graphdef, optimizer, model_cfg: ModelConfig, train_cfg, seq_le
       graphdef, optimizer, lm_loss, bias_update_speed=train_cfg.bias_update_speed, mesh=mesh,
       param_shardings=param_shardings, other_shardings=other_shardings,
       opt_shardings=opt_shardings, grad_sum=mode, donate=donate,
-      discard_overflow=discard_overflow, zero1=zero1)
+      discard_overflow=discard_overflow, zero1=zero1, cpu_options=cpu_options)
 
   def per_device_eval(params, other, window, capacity):
     model = nnx.merge(graphdef, params, other)
@@ -421,11 +426,11 @@ def make_step_fns(graphdef, optimizer, model_cfg: ModelConfig, train_cfg, seq_le
     return nats, count, needed_capacity(out.moe_stats)
 
   if mesh is None:
-    return StepFns(train_jit, _jit(per_device_eval, static_argnums=(3,)))
+    return StepFns(train_jit, _jit(per_device_eval, cpu_options, static_argnums=(3,)))
   p_spec, o_spec, tok = _specs(param_shardings), _specs(other_shardings), P(axes)
   eval_fn = lambda p, o, w, c: jax.shard_map(
       lambda p, o, w: per_device_eval(p, o, w, c), mesh=mesh, in_specs=(p_spec, o_spec, tok),
       out_specs=(P(), P(), P()))(p, o, w)
-  eval_jit = _jit(eval_fn, static_argnums=(3,),
+  eval_jit = _jit(eval_fn, cpu_options, static_argnums=(3,),
                   in_shardings=(param_shardings, other_shardings, NamedSharding(mesh, tok)))
   return StepFns(train_jit, eval_jit)

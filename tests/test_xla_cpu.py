@@ -1,0 +1,33 @@
+"""xla_cpu.cpu_jit: the options reach XLA:CPU's compiler, are copied when jitted, and {} means
+XLA's defaults."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsv3_jax import xla_cpu
+
+pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU options")
+
+
+def _f(x):
+  return jnp.tanh(x @ x.T).sum(axis=0)
+
+
+def test_options_reach_the_compiler():
+  x = jnp.arange(12.0).reshape(3, 4) / 10
+  bad = {"xla_cpu_no_such_option_dsv3": "1"}
+  with pytest.raises(Exception, match="xla_cpu_no_such_option_dsv3"):
+    xla_cpu.cpu_jit(_f, bad)(x)
+  want = np.tanh(np.asarray(x) @ np.asarray(x).T).sum(axis=0)
+  for options in ({}, xla_cpu.NO_YNNPACK):
+    np.testing.assert_allclose(xla_cpu.cpu_jit(_f, options)(x), want, rtol=1e-6)
+
+
+def test_options_are_copied_when_jitted():
+  options = dict(xla_cpu.NO_YNNPACK)
+  fn = xla_cpu.cpu_jit(_f, options)
+  options["xla_cpu_no_such_option_dsv3"] = "1"  # too late: fn compiles with the copy
+  x = jnp.ones((2, 2))
+  np.testing.assert_allclose(fn(x), np.tanh(2.0) * 2 * np.ones(2), rtol=1e-6)
