@@ -110,5 +110,10 @@ def get_config() -> config_dict.ConfigDict:
       # a parameter and each moment has one copy, so the replica check above no longer finds
       # silent data corruption in them.
       shard_optimizer_state=False,
+      # Activation recomputation (report §3.2.3 recomputes RMSNorm and the MLA up-projections):
+      # True reruns each decoder block's forward in the backward pass, so that only the blocks'
+      # inputs stay live in between (model.transformer.recomputed): same values, less memory
+      # (on the 4 x 8 mesh mostly the MoE dispatch buffers), one more forward pass of compute.
+      remat=False,
   ))
   return c

@@ -17,7 +17,8 @@ processes so that nothing is shared between them:
 Settings: "before" (DSV3_MEMORY_DEFAULTS=1: glibc's allocator defaults, no malloc_trim, XLA's
 default flags), "low memory" (DSV3_LOW_MEMORY=1: also `memory.configure_malloc`, fewer glibc
 arenas and a fixed mmap threshold), "replicated optimizer" (the shipped settings with ZeRO-1,
-`train.shard_optimizer_state`, off) and "shipped" (dsv3-train as it runs by default:
+`train.shard_optimizer_state`, off), "recomputation" (the shipped settings with `train.remat`:
+each decoder block's forward rerun in the backward pass) and "shipped" (dsv3-train as it runs by default:
 `memory.XLA_MEMORY_FLAGS` and `memory.trim` after compiling).
 
 Writes results/train_memory.{md,csv,png} and the children's raw outputs to
@@ -45,7 +46,11 @@ GIB, MIB = 2**30, 2**20
 SETTINGS = (("before", {"DSV3_MEMORY_DEFAULTS": "1"}, {}),
             ("low memory", {"DSV3_LOW_MEMORY": "1"}, {}),
             ("replicated optimizer", {}, {"shard_optimizer_state": False}),
+            ("recomputation", {}, {"remat": True}),
             ("shipped", {}, {}))
+# Why a setting with config overrides computes slightly different numbers.
+DIFFERS_BECAUSE = {"replicated optimizer": "the gradients are summed in another order",
+                   "recomputation": "XLA fuses the recomputed forward differently"}
 OVERRIDES_ENV = "TRAIN_MEMORY_OVERRIDES"  # train.* overrides (JSON) for `_ACCOUNTING`, which
 # reads the variable under this name
 
@@ -176,7 +181,9 @@ def write(args, acc: dict, runs: dict, load: float, note: str = "") -> None:
       "(DSV3_MEMORY_DEFAULTS=1); \"low memory\": also fewer glibc arenas and a fixed mmap "
       "threshold (DSV3_LOW_MEMORY=1, `memory.configure_malloc`); \"replicated optimizer\": "
       "the shipped settings with ZeRO-1 off (`--config.train.shard_optimizer_state=False`: "
-      "every device keeps the Adam moments of every parameter it holds); \"shipped\": "
+      "every device keeps the Adam moments of every parameter it holds); \"recomputation\": "
+      "the shipped settings with `--config.train.remat=True` (each decoder block's forward "
+      "rerun in the backward pass, model.transformer.recomputed); \"shipped\": "
       "dsv3-train as it runs by default, ZeRO-1 on (configs/orion_4x8.py), malloc_trim after "
       "compiling "
       f"(dsv3_jax/train/memory.py; XLA flags `{' '.join(a0['xla_flags'].split()[1:])}`)."
@@ -214,8 +221,8 @@ def write(args, acc: dict, runs: dict, load: float, note: str = "") -> None:
       f"(step {f0.get('step')}: train loss {f0.get('loss')!r}, MTP loss {f0.get('mtp_loss')!r}, "
       f"gradient norm {f0.get('grad_norm')!r}, held-out loss "
       f"{runs[alloc[0]]['heldout_loss']!r}; compared to the last digit). " +
-      " ".join(f"{nm}: largest relative difference from them {d:.1e} (the gradients are summed "
-               "in another order)." for nm, d in diffs.items()),
+      " ".join(f"{nm}: largest relative difference from them {d:.1e} "
+               f"({DIFFERS_BECAUSE[nm]})." for nm, d in diffs.items()),
       "",
       "## Per phase (PhaseLog in summary.json; repeated phases accumulate, peak = the "
       "largest)",

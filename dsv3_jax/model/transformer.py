@@ -23,6 +23,28 @@ from dsv3_jax.model.norms import RMSNorm
 from dsv3_jax.model.rope import rope_cos_sin, rope_frequencies
 
 
+def recomputed(module: nnx.Module, *args, **kwargs):
+  """`module(*args, **kwargs)` under `jax.checkpoint`: the backward pass reruns the module's
+  forward from its inputs instead of keeping its intermediates (activation recomputation; the
+  V3 report §3.2.3 recomputes RMSNorm and the MLA up-projections this way, here a whole block).
+
+  The module is split into its graph and state and merged inside the checkpointed function, so
+  that jax.checkpoint sees only arrays (`nnx.remat` cannot lift the router's bias variable).
+  The module must not update its own state in the call (true of every training forward here).
+  `kwargs` (capacity, mask) reach the call as they are, closed over.
+
+  Returns:
+    What `module(*args, **kwargs)` returns, the same values; gradients through it are the same
+    up to float rounding of the recomputed forward (bit-identical on CPU in tests).
+  """
+  graphdef, state = nnx.split(module)
+
+  def run(state, *args):
+    return nnx.merge(graphdef, state)(*args, **kwargs)
+
+  return jax.checkpoint(run)(state, *args)
+
+
 class DecoderLayer(nnx.Module):
   """Pre-norm block: h += MLA(norm(h)); h += FFN(norm(h)), FFN dense or DeepSeekMoE."""
 
@@ -140,7 +162,7 @@ class Transformer(nnx.Module):
 
   def forward(self, input_ids: jax.Array, *, mtp_tokens: Optional[jax.Array] = None,
               mask: Optional[jax.Array] = None, capacity: Optional[tuple[int, ...]] = None, with_mtp: bool = True,
-              output_hidden_states: bool = False) -> ModelOutput:
+              output_hidden_states: bool = False, remat: bool = False) -> ModelOutput:
     """Full forward pass.
 
     Args:
@@ -152,6 +174,10 @@ class Transformer(nnx.Module):
       capacity: static MoE buffer capacity per hop (None = dropless worst case).
       with_mtp: also run the MTP modules.
       output_hidden_states: also return every layer's output.
+      remat: recompute each decoder block (and each MTP module) in the backward pass instead
+        of keeping its activations (`recomputed`; train.remat): only the blocks' inputs stay
+        live between the forward and the backward pass. Same values; changes nothing without
+        a gradient.
 
     Returns:
       `ModelOutput`.
@@ -164,8 +190,9 @@ class Transformer(nnx.Module):
     hidden = [h] if output_hidden_states else []
     stats = []
     kw = dict(mask=mask, capacity=capacity)
+    call = (lambda m, *a: recomputed(m, *a, **kw)) if remat else (lambda m, *a: m(*a, **kw))
     for layer in self.layers:
-      h, st = layer(h, cos, sin, **kw)
+      h, st = call(layer, h, cos, sin)
       if st is not None:
         stats.append(st)
       if output_hidden_states:
@@ -183,7 +210,7 @@ class Transformer(nnx.Module):
       h_prev = h
       for d, module in enumerate(self.mtp, start=1):
         emb = self.embed(mtp_tokens[:, d:d + s])
-        h_prev, normed, st = module(h_prev, emb, cos, sin, **kw)
+        h_prev, normed, st = call(module, h_prev, emb, cos, sin)
         if st is not None:
           stats.append(st)
         mtp_logits.append(self.head(normed))

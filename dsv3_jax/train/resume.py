@@ -35,6 +35,7 @@ DATA = "data.json"  # the fingerprint of the text the checkpoints were trained o
 # with that value is no change.
 ADDED_DEFAULTS = {
     "train.shard_optimizer_state": False,
+    "train.remat": False,
 }
 
 

@@ -390,6 +390,7 @@ def make_step_fns(graphdef, optimizer, model_cfg: ModelConfig, train_cfg, seq_le
   """
   depth = model_cfg.mtp_depth
   mtp_w, alpha = float(train_cfg.mtp_loss_weight), float(train_cfg.balance_loss_alpha)
+  remat = bool(train_cfg.get("remat", False))
   mode = resolve_grad_sum(grad_sum, mesh)
   axes = tuple(mesh.axis_names) if mesh is not None else ()
   n_dev = 1 if mesh is None else mesh.size
@@ -397,7 +398,7 @@ def make_step_fns(graphdef, optimizer, model_cfg: ModelConfig, train_cfg, seq_le
   def lm_loss(model, window, capacity):
     batch = make_batch(window, seq_len, depth)
     out = model.forward(batch.inputs, mtp_tokens=batch.mtp_tokens if depth else None,
-                        mask=batch.mask, capacity=capacity, with_mtp=depth > 0)
+                        mask=batch.mask, capacity=capacity, with_mtp=depth > 0, remat=remat)
     losses = compute_losses(out, batch, mtp_weight=mtp_w, balance_alpha=alpha)
     # Every device holds the same number of sequences, so the global mean loss is the mean
     # of the per-device losses (the sum of these shares over devices).

@@ -138,6 +138,12 @@ def validate(cfg, log: Optional[Callable[[str], None]] = None) -> ModelConfig:
   if not isinstance(t.get("shard_optimizer_state", False), bool):
     raise ValueError(f"train.shard_optimizer_state={t.shard_optimizer_state!r}; allowed: True "
                      "(ZeRO-1, train/zero1.py) or False")
+  if not isinstance(t.get("remat", False), bool):
+    raise ValueError(f"train.remat={t.remat!r}; allowed: True (recompute each decoder block in "
+                     "the backward pass, less memory, more compute) or False")
+  if t.get("remat", False) and cfg.mesh.get("stages", 1) > 1:
+    raise ValueError("train.remat=True is not implemented for pipeline parallelism "
+                     f"(mesh.stages={cfg.mesh.stages}); allowed: train.remat=False with stages > 1")
   if t.warmup_steps > t.steps and log is not None:
     log(f"warning: train.warmup_steps={t.warmup_steps} > train.steps={t.steps}: the learning "
         "rate never reaches train.learning_rate")
