@@ -48,7 +48,7 @@ SETTINGS = (("before", {"DSV3_MEMORY_DEFAULTS": "1"}, {}),
             ("replicated optimizer", {}, {"shard_optimizer_state": False}),
             ("recomputation", {}, {"remat": True}),
             ("shipped", {}, {}))
-# Why a setting with config overrides computes slightly different numbers.
+# Why a setting with config overrides may compute slightly different numbers.
 DIFFERS_BECAUSE = {"replicated optimizer": "the gradients are summed in another order",
                    "recomputation": "XLA fuses the recomputed forward differently"}
 OVERRIDES_ENV = "TRAIN_MEMORY_OVERRIDES"  # train.* overrides (JSON) for `_ACCOUNTING`, which
@@ -221,8 +221,9 @@ def write(args, acc: dict, runs: dict, load: float, note: str = "") -> None:
       f"(step {f0.get('step')}: train loss {f0.get('loss')!r}, MTP loss {f0.get('mtp_loss')!r}, "
       f"gradient norm {f0.get('grad_norm')!r}, held-out loss "
       f"{runs[alloc[0]]['heldout_loss']!r}; compared to the last digit). " +
-      " ".join(f"{nm}: largest relative difference from them {d:.1e} "
-               f"({DIFFERS_BECAUSE[nm]})." for nm, d in diffs.items()),
+      " ".join(f"{nm}: the same values to the last digit." if d == 0 else
+               f"{nm}: largest relative difference from them {d:.1e} ({DIFFERS_BECAUSE[nm]})."
+               for nm, d in diffs.items()),
       "",
       "## Per phase (PhaseLog in summary.json; repeated phases accumulate, peak = the "
       "largest)",
@@ -269,6 +270,7 @@ def write(args, acc: dict, runs: dict, load: float, note: str = "") -> None:
                  " | ".join(f"{acc[nm]['programs'][prog]['compile_peak_over_start'] / MIB:.0f}"
                             for nm in names) + " | |")
   tr = a0["programs"]["train step"]
+  s_step = runs[names[-1]]["step_time_s"]
   state_b = sum(v[0] for v in a0["state"].values())
   floor = state_b + tr["temp_size"] * n
   peak = runs[names[-1]]["peak_rss_bytes"]
@@ -280,6 +282,17 @@ def write(args, acc: dict, runs: dict, load: float, note: str = "") -> None:
       f"{floor / GIB:.2f} GiB ({floor / 1e9:.2f} GB) before any runtime, code or allocator "
       f"overhead; the shipped run peaks {(peak - floor) / GIB:.2f} GiB above it. With ZeRO-1 "
       "on (shipped) the largest term left is the train step's temporaries."]
+  if "recomputation" in acc:
+    rt = acc["recomputation"]["programs"]["train step"]["temp_size"]
+    rfloor = state_b + rt * n
+    rpeak = runs["recomputation"]["peak_rss_bytes"]
+    lines[-1] += (
+        f" Recomputation (`train.remat`) keeps only each block's input between the passes: "
+        f"temporaries {rt / MIB:.1f} MiB per device, floor {rfloor / GIB:.2f} GiB "
+        f"({rfloor / 1e9:.2f} GB), peak {rpeak / GIB:.2f} GiB "
+        f"({(rpeak - peak) / peak:+.0%} against shipped) for a "
+        f"{runs['recomputation']['step_time_s'] / s_step - 1:+.0%} median step "
+        "(one more forward pass).")
   s = runs[names[-1]]
   lines += [
       "",
