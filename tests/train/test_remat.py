@@ -27,8 +27,8 @@ CAP = (24,)
 def _config(mesh_shape):
   c = tiny_cfg(pathlib.Path("unused"))
   c.model.update(dict(max_position_embeddings=SEQ, dispatch="flat"))
-  if mesh_shape:
-    c.model.update(dict(n_group=mesh_shape[0], topk_group=1))
+  if mesh_shape:  # no MTP module on the mesh (the one-device case covers it): a shorter compile
+    c.model.update(dict(n_group=mesh_shape[0], topk_group=1, num_nextn_predict_layers=0))
   c.data.seq_len = SEQ
   c.train.update(dict(steps=10, warmup_steps=1, learning_rate=1e-2))
   return c
@@ -74,7 +74,7 @@ def _train(mesh_shape, remat):
   out = []
   for i in range(STEPS):
     p, o, s, m = step(p, o, s, w[i])
-    out.append([float(m[k]) for k in ("loss", "mtp_loss", "grad_norm")])
+    out.append([float(m.get(k, 0.0)) for k in ("loss", "mtp_loss", "grad_norm")])
   return np.array(out), jax.device_get(p), step
 
 
@@ -84,7 +84,8 @@ def test_recomputed_blocks_train_the_same(mesh_shape):
   got, p_got, step = _train(mesh_shape, True)
   print(f"max |diff| loss/mtp/grad norm {np.max(np.abs(got - ref), axis=0)}")
   assert np.all(np.isfinite(ref)) and ref[-1, 0] < ref[0, 0]  # it trains
-  assert (ref[:, 1] > 0).all()  # the MTP module ran (and was recomputed)
+  if not mesh_shape:
+    assert (ref[:, 1] > 0).all()  # the MTP module ran (and was recomputed)
   # The recomputed forward is the same arithmetic on the same inputs: the same numbers up to
   # XLA fusing the rerun differently (a few ulps).
   np.testing.assert_allclose(got, ref, rtol=2e-6)
@@ -93,14 +94,14 @@ def test_recomputed_blocks_train_the_same(mesh_shape):
   print(f"temporaries per device: {temps(ref_step)} -> {temps(step)} bytes")
   if mesh_shape:
     # The backward pass reruns the forward of each MoE block, its all_to_alls included: the
-    # step gains exactly the forward pass's all_to_alls (those of the eval step's program, MTP
-    # block added). What that buys shows at the main job's size, where the dispatch buffers
+    # step gains exactly the forward pass's all_to_alls (those of the eval step's program).
+    # What that buys shows at the main job's size, where the dispatch buffers
     # dominate (80.9 -> 58.3 MiB of temporaries per device, results/train_memory.md); at this
     # test's size the saved activations weigh about as much as the rerun's own buffers.
     count = lambda text: text.count(" all-to-all(")
     c, mc, graphdef, opt, state, mesh, w = _setup(mesh_shape)
     model = nnx.merge(graphdef, state[0], state[1])
-    n_main = sum(layer.is_moe for layer in model.layers)  # the eval step runs no MTP block
+    n_main = sum(layer.is_moe for layer in model.layers)
     sh = [jax.tree.map(lambda x: x.sharding, t) for t in state]
     evaluate = step_lib.make_step_fns(graphdef, opt, mc, c.train, SEQ, mesh, *sh).eval_step
     n_fwd = count(evaluate.lower(state[0], state[1], w[0], CAP).compile().as_text())
