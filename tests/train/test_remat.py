@@ -1,7 +1,7 @@
 """Activation recomputation (train.remat, model.transformer.recomputed): the same training
 steps as without it, on one device (with the MTP module) and on a 2 x 4 expert-parallel mesh
-(capacity dispatch, its all_to_alls rerun in the backward pass), a smaller temporary footprint,
-and the setting's config contract."""
+(capacity dispatch; the compiled step holds the rerun forward's all_to_alls), and the
+setting's config contract (bad value, resuming a run saved before the setting existed)."""
 
 import functools
 import json
