@@ -109,6 +109,7 @@ def main() -> None:
   torch_rss = 0
   for r in range(args.rounds):
     order = programs if r % 2 == 0 else programs[::-1]
+    load = os.getloadavg()[0]  # the other jobs' load at the round's start (1-minute average)
     med = {}
     for n in order:
       if n == TORCH_NAME:
@@ -120,9 +121,9 @@ def main() -> None:
       wall[n] += w
       cpu[n] += c
       med[n] = (float(np.median(w)), float(np.median(c)))
-    line = [f"round {r + 1}:"]
+    line = [f"round {r + 1} (load {load:.1f}):"]
     for n in programs:
-      row = dict(round=r + 1, program=n, step_s=med[n][0], step_cpu_s=med[n][1],
+      row = dict(round=r + 1, program=n, load_1min=load, step_s=med[n][0], step_cpu_s=med[n][1],
                  tokens_per_s=args.batch * T.SEQ_LEN / med[n][0])
       if ref and n != TORCH_NAME:
         row["ratio_to_torch"] = med[TORCH_NAME][0] / med[n][0]
@@ -191,7 +192,7 @@ def main() -> None:
     w = csv.DictWriter(f, fieldnames=keys)
     w.writeheader()
     w.writerows([{k: r.get(k, "") for k in keys} for r in rows])
-  rkeys = ["round", "program", "step_s", "step_cpu_s", "tokens_per_s", "ratio_to_torch",
+  rkeys = ["round", "program", "load_1min", "step_s", "step_cpu_s", "tokens_per_s", "ratio_to_torch",
            "cpu_ratio_to_torch"]
   with open(base + "_rounds.csv", "w", newline="") as f:
     w = csv.DictWriter(f, fieldnames=rkeys)
@@ -214,7 +215,9 @@ def main() -> None:
       "median over all timed steps (wall clock); ratio = the reference's median step over "
       "the project's within each round (> 1: faster than PyTorch), median [min, max] over "
       "rounds; CPU ratio the same with process CPU time (the machine is shared: CPU time is "
-      "less disturbed by the other jobs' load).",
+      "less disturbed by the other jobs' load). "
+      f"1-minute load average at the rounds' starts: {load_range(round_rows)} (0 = no other "
+      "job; only rounds at a similar load compare).",
       "",
       "| variant | compile (s) | step (ms) | CPU / step (ms) | tokens/s | x PyTorch (rounds) "
       "| x PyTorch, CPU time | expert load max/mean | dropped |",
@@ -248,6 +251,12 @@ def main() -> None:
   fig.tight_layout()
   fig.savefig(base + ".png", dpi=120)
   print(f"wrote {base}.md, .csv, _rounds.csv, .png")
+
+
+def load_range(round_rows: list) -> str:
+  """'a' or 'a-b': the range of the rounds' 1-minute load averages (one decimal)."""
+  loads = sorted({round(r["load_1min"], 1) for r in round_rows})
+  return f"{loads[0]:.1f}" if len(loads) == 1 else f"{loads[0]:.1f}-{loads[-1]:.1f}"
 
 
 def mesh_lines(mesh: dict, rounds: int) -> list:
