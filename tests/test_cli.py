@@ -93,4 +93,9 @@ def test_missing_config_file_and_misspelt_key_give_one_line(tmp_path):
   r = _run([f"--config={ROOT}/configs/tiny.py", "--config.train.b2=1.0",
             f"--config.train.workdir={work}"], tmp_path)
   assert r.returncode == 2 and "train.b2=1.0; allowed: [0, 1)" in r.stderr
+  r = _run([f"--config={ROOT}/configs/tiny.py", "--config.train.remat=yes",
+            f"--config.train.workdir={work}"], tmp_path)
+  assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+  assert ("--config.train.remat=yes is not a boolean; allowed: True, False (also true, false, "
+          "1, 0)") in r.stderr
   assert not work.exists()

@@ -165,6 +165,19 @@ def _error_text(e: BaseException) -> str:
   return " ".join(text.split())
 
 
+def _flag_error(e: BaseException) -> str:
+  """One line for an override absl refused to parse; a non-boolean value of a boolean setting
+  names the values absl's boolean flags take."""
+  import re
+
+  text = _error_text(e)
+  m = re.match(r"flag (--config\.[^=]+)=(.*?): \('Non-boolean argument to boolean flag'", text)
+  if m:
+    return (f"{m.group(1)}={m.group(2)} is not a boolean; allowed: True, False (also true, "
+            "false, 1, 0)")
+  return text
+
+
 def _override_error(e: BaseException, argv: list[str]) -> str:
   """One line for a bad --config.* override: the flag, the unknown key and the suggestion."""
   import re
@@ -206,7 +219,7 @@ def run() -> None:
   try:
     rest = flags.FLAGS(argv)
   except flags.Error as e:
-    print(f"dsv3-train: error: {_error_text(e)}; see dsv3-train --help", file=sys.stderr)
+    print(f"dsv3-train: error: {_flag_error(e)}; see dsv3-train --help", file=sys.stderr)
     sys.exit(2)
   except Exception as e:  # noqa: BLE001 -- a bad override: KeyError, AttributeError, TypeError
     print(f"dsv3-train: error: {_override_error(e, argv)}", file=sys.stderr)
