@@ -123,8 +123,8 @@ def main() -> None:
       med[n] = (float(np.median(w)), float(np.median(c)))
     line = [f"round {r + 1} (load {load:.1f}):"]
     for n in programs:
-      row = dict(round=r + 1, program=n, load_1min=load, step_s=med[n][0], step_cpu_s=med[n][1],
-                 tokens_per_s=args.batch * T.SEQ_LEN / med[n][0])
+      row = dict(round=r + 1, program=n, load_1min=load, step_s=med[n][0],
+                 step_cpu_s=med[n][1], tokens_per_s=args.batch * T.SEQ_LEN / med[n][0])
       if ref and n != TORCH_NAME:
         row["ratio_to_torch"] = med[TORCH_NAME][0] / med[n][0]
         row["cpu_ratio_to_torch"] = med[TORCH_NAME][1] / med[n][1]
@@ -192,8 +192,8 @@ def main() -> None:
     w = csv.DictWriter(f, fieldnames=keys)
     w.writeheader()
     w.writerows([{k: r.get(k, "") for k in keys} for r in rows])
-  rkeys = ["round", "program", "load_1min", "step_s", "step_cpu_s", "tokens_per_s", "ratio_to_torch",
-           "cpu_ratio_to_torch"]
+  rkeys = ["round", "program", "load_1min", "step_s", "step_cpu_s", "tokens_per_s",
+           "ratio_to_torch", "cpu_ratio_to_torch"]
   with open(base + "_rounds.csv", "w", newline="") as f:
     w = csv.DictWriter(f, fieldnames=rkeys)
     w.writeheader()

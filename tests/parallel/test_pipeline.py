@@ -1,9 +1,8 @@
 """Executed pipeline parallelism (1F1B, DualPipe) against the unpipelined training step.
 
-DualPipe PP2 and 1F1B PP4 with expert parallelism inside each stage (stage x node x gpu = 2x2x2
-and 4x2x2);
-the unpipelined reference is `make_step_fns` on one 2x2 (node x gpu) group. A plain SGD step
-with learning rate 1 makes params - new params the gradient of each step."""
+DualPipe PP2 and 1F1B PP4 with expert parallelism inside each stage (stage x node x gpu =
+2x2x2 and 4x2x2); the unpipelined reference is `make_step_fns` on one 2x2 (node x gpu) group.
+A plain SGD step with learning rate 1 makes params - new params the gradient of each step."""
 
 import functools
 
@@ -108,7 +107,7 @@ def _stacked(schedule, stages, micro_batches, transfer="all_gather"):
     # bit: test_pipeline_transfer.py; run with the state in the pipeline layout), 1F1B PP4 with
     # ppermute in the model layout. DualPipe at PP4 x 8 micro-batches runs in
     # test_pipeline_train.py (dsv3-train on configs/orion_pp.py, its executed schedule checked
-    # against the simulator's); each case here costs ~30-90 s of a make test worker.
+    # against the simulator's); each case here took 58-118 s of a make test worker.
     ("DualPipe", 2, 4, "all_gather"), ("1F1B", 4, 4, "ppermute")])
 def test_pipelined_step_equals_unpipelined(schedule, stages, micro_batches, transfer):
   _, _, _, (p0, _), _, (p_ref, o_ref, m_ref), _ = _reference()

@@ -279,9 +279,11 @@ def test_after_a_crash_metrics_have_one_row_per_step_and_resume_is_bit_identical
   c, work = _copy_run(cfg, tmp_path)
   first = read_metrics(str(work / "metrics.jsonl"))
   # A crash mid-way through a metrics line, and step 4's checkpoint with 12 flipped bytes
-  # (found, set aside: the run resumes from step 2). Whether the read fails (zstd) or the
-  # checksums catch it depends on which chunk lies in the middle of the file, and orbax writes
-  # the chunks in the order they finish: either way the step is named damaged.
+  # (found, set aside: the run resumes from step 2). The read itself may fail (a corrupt
+  # compressed chunk) or the checksums catch it, depending on which bytes lie in the middle of
+  # the data file, and that is not the same in every run (once, under load, the message was not
+  # the checksum one): either way the step is named damaged. The checksum path on its own:
+  # `_stale_state` in test_a_damaged_checkpoint_is_named_set_aside_and_the_older_one_restored.
   _flip12(str(work / "checkpoints" / "4"))
   with open(work / "metrics.jsonl", "a") as f:
     f.write('{"step": 4, "loss": 2.')
