@@ -46,15 +46,15 @@ class StepSession:
     overrides: `ModelConfig` fields replaced in the configs/tiny.py model, e.g.
       `dict(num_nextn_predict_layers=0)` or `dict(dtype="bfloat16", fp8=True)`.
     batch: sequences of 256 bytes per step (>= 1).
-    xla_defaults: compile with XLA:CPU's default options instead of the training step's
-      `step.TRAIN_CPU_OPTIONS` (the A/B of that choice).
+    cpu_options: XLA:CPU compiler options instead of the training step's
+      `step.TRAIN_CPU_OPTIONS` (the A/B of that choice; {} = XLA's defaults); None = those.
 
   Attributes:
     compile_s: seconds to lower and compile the step (s).
     model_cfg, train_cfg: the configs used; windows(n): the first n token windows of the data.
   """
 
-  def __init__(self, overrides: dict, batch: int, xla_defaults: bool = False):
+  def __init__(self, overrides: dict, batch: int, cpu_options: dict | None = None):
     import jax
     from flax import nnx
 
@@ -76,7 +76,7 @@ class StepSession:
     opt = trainer.make_optimizer(cfg.train)
     self.state = (params, other, opt.init(params))
     fns = step.make_step_fns(graphdef, opt, mc, cfg.train, SEQ_LEN,
-                             cpu_options={} if xla_defaults else None)
+                             cpu_options=cpu_options)
     cap = (1,)  # one device: the grouped expert kernel is dropless, no capacity applies
     t0 = time.perf_counter()
     self.compiled = fns.train_step.lower(*self.state, jax.numpy.asarray(self.ds[0]),

@@ -12,7 +12,8 @@ is shared, so only ratios within a round mean much: each round's ratio is the re
 step time over the project's (> 1: the project is faster), and the table reports the median over
 rounds. The MTP variant (depth 1, as trained) is compared with the same reference (HF has no
 MTP module). A third variant compiles the no-MTP step with XLA:CPU's default options (YNNPACK)
-instead of the training step's `step.TRAIN_CPU_OPTIONS`, the A/B of that choice in the same
+instead of the training step's `step.TRAIN_CPU_OPTIONS`, and a fourth with those options but
+LLVM at XLA's default -O3 instead of -O2 (`xla_cpu.LLVM_O2`): the A/B of each choice in the same
 rounds. Then `--mesh-rounds` paired rounds of the main job's step on the emulated 4 x 8 mesh
 against the same model on one device at the same global batch (experiments/_mesh_timing.py).
 Prints and writes compile time, step time, tokens/s, peak resident memory and the ratios to
@@ -35,6 +36,7 @@ import sys
 import tempfile
 
 import _step_timing as T
+from dsv3_jax import xla_cpu  # does not import jax
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The versions the issues measured the reference with (an older torch is slower here).
@@ -42,11 +44,14 @@ TORCH_VENV_HELP = ("python3 -m venv .venv-torch && .venv-torch/bin/pip install t
                    "transformers==5.24.0")
 
 VARIANTS = (
-    # (name, model overrides, XLA:CPU's default options instead of step.TRAIN_CPU_OPTIONS)
-    ("tiny, no MTP (equal-size comparison)", dict(num_nextn_predict_layers=0), False),
-    ("tiny + MTP depth 1 (as trained)", dict(num_nextn_predict_layers=1), False),
+    # (name, model overrides, XLA:CPU options instead of step.TRAIN_CPU_OPTIONS (None = those;
+    # {} = XLA's defaults))
+    ("tiny, no MTP (equal-size comparison)", dict(num_nextn_predict_layers=0), None),
+    ("tiny + MTP depth 1 (as trained)", dict(num_nextn_predict_layers=1), None),
     ("tiny, no MTP, XLA:CPU defaults (YNNPACK dots and reductions)",
-     dict(num_nextn_predict_layers=0), True),
+     dict(num_nextn_predict_layers=0), {}),
+    ("tiny, no MTP, LLVM -O3 (XLA's default level)", dict(num_nextn_predict_layers=0),
+     dict(xla_cpu.NO_YNNPACK)),
 )
 # The mesh comparison (experiments/_mesh_timing.py): timed steps per program and round, and
 # untimed steps first (a mesh step takes seconds here).
@@ -85,8 +90,8 @@ def main() -> None:
   from torch_reference import TorchReference
 
   sessions = []
-  for name, overrides, xla_defaults in VARIANTS:
-    s = T.StepSession(overrides, args.batch, xla_defaults=xla_defaults)
+  for name, overrides, cpu_options in VARIANTS:
+    s = T.StepSession(overrides, args.batch, cpu_options=cpu_options)
     print(f"{name}: compiled in {s.compile_s:.1f} s", flush=True)
     s.run(args.train_steps, timed=False)  # realistic routing state
     sessions.append((name, s))

@@ -22,6 +22,10 @@ _flag = "--xla_force_host_platform_device_count"
 if "jax" not in sys.modules:
   flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(_flag))
   os.environ["XLA_FLAGS"] = f"{flags} {_flag}={N_DEVICES}".strip()
+  # LLVM at -O2 for every program, as dsv3-train and the train / serving steps compile
+  # (dsv3_jax/xla_cpu.py: ~10 % less time for the whole suite).
+  from dsv3_jax import xla_cpu
+  os.environ["XLA_FLAGS"] = xla_cpu.with_process_flags(os.environ["XLA_FLAGS"])
 
 # One persistent compilation cache for the whole run, shared by the xdist workers and every
 # subprocess they start (the variables are inherited): a program compiled once (the same

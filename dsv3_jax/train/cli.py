@@ -42,13 +42,15 @@ def main(argv) -> None:
 
   cfg = flags.FLAGS.config
   from dsv3_jax.parallel.mesh import mesh_device_count, set_host_device_count
+  from dsv3_jax import xla_cpu  # imports jax only when a program is jitted
   from dsv3_jax.train import memory  # does not import jax
 
   # Before jax starts: XLA:CPU's memory-saving scheduler, and with DSV3_LOW_MEMORY=1 fewer glibc
   # arenas and a fixed mmap threshold (memory.py; DSV3_MEMORY_DEFAULTS=1: the libraries' defaults).
   if memory.low_memory():
     memory.configure_malloc()
-  os.environ["XLA_FLAGS"] = memory.xla_flags(os.environ.get("XLA_FLAGS", ""))
+  os.environ["XLA_FLAGS"] = xla_cpu.with_process_flags(
+      memory.xla_flags(os.environ.get("XLA_FLAGS", "")))
   phases = memory.PhaseLog()
   try:
     n_dev = mesh_device_count(cfg.mesh)  # before jax starts: the rest is checked by the trainer

@@ -52,9 +52,10 @@ GRAD_SUMS = ("auto", "mesh", "per_axis")
 # One process of XLA:CPU blocks at most 256 devices in a collective (README, "More than 256
 # devices"); above, the emulation is multi-process and reduces axis by axis.
 PER_AXIS_ABOVE_DEVICES = 256
-# XLA:CPU options of the train and eval steps by default (`xla_cpu.NO_YNNPACK`); the step
-# builders take `cpu_options` to override them ({} = XLA's defaults: benchmark_step's A/B row).
-TRAIN_CPU_OPTIONS = dict(xla_cpu.NO_YNNPACK)
+# XLA:CPU options of the train and eval steps by default (`xla_cpu.NO_YNNPACK`, LLVM at -O2:
+# `xla_cpu.LLVM_O2`); the step builders take `cpu_options` to override them ({} = XLA's
+# defaults: benchmark_step's A/B row).
+TRAIN_CPU_OPTIONS = {**xla_cpu.NO_YNNPACK, **xla_cpu.LLVM_O2}
 
 # A loss: (model, data, capacity) -> (objective, (metrics, moe_stats)). `objective` is this
 # device's share of the loss (the loss is its sum over devices); `metrics` a dict of per-device
