@@ -31,3 +31,24 @@ def test_options_are_copied_when_jitted():
   options["xla_cpu_no_such_option_dsv3"] = "1"  # too late: fn compiles with the copy
   x = jnp.ones((2, 2))
   np.testing.assert_allclose(fn(x), np.tanh(2.0) * 2 * np.ones(2), rtol=1e-6)
+
+
+def test_process_flags_add_llvm_o2_once_and_a_callers_level_wins():
+  assert xla_cpu.with_process_flags("") == "--xla_backend_optimization_level=2"
+  assert (xla_cpu.with_process_flags("--xla_force_host_platform_device_count=4")
+          == "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=2")
+  once = xla_cpu.with_process_flags("")
+  assert xla_cpu.with_process_flags(once) == once
+  assert (xla_cpu.with_process_flags("--xla_backend_optimization_level=3")
+          == "--xla_backend_optimization_level=3")
+
+
+def test_the_train_and_serving_steps_compile_at_llvm_o2():
+  from dsv3_jax.infer import steps
+  from dsv3_jax.train import step
+  for options in (step.TRAIN_CPU_OPTIONS, steps.SERVING_CPU_OPTIONS):
+    assert options["xla_backend_optimization_level"] == 2
+    assert options["xla_cpu_experimental_ynn_fusion_type"] == ""
+  # The session runs every program at -O2, as dsv3-train does (tests/conftest.py).
+  import os
+  assert "--xla_backend_optimization_level=2" in os.environ["XLA_FLAGS"].split()
