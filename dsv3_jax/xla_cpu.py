@@ -6,11 +6,11 @@ results/serving.md, "XLA:CPU options") and the training step (the grouped expert
 attention and MLA projections at 8 x 256 tokens; results/benchmark_step.md compares the two in
 the same paired rounds). Both compile with `NO_YNNPACK`; on other backends nothing changes.
 
-LLVM runs at -O2 (`LLVM_O2`) instead of XLA's default -O3: the tiny config's one-device train
-step compiles in ~12 % less time (8.7 -> 7.6 s, separate processes, alternated) and steps as
-fast (median ratio 0.98 over 10 alternated rounds in one process); the whole `make test` took
-794 s against 882 s. The bits of a result may differ from -O3's (other instruction choices),
-never the tolerance a test asserts: the whole suite passes at -O2. The train and serving steps
+LLVM runs at -O2 (`LLVM_O2`) instead of XLA's default -O3: less compile time at the same step
+time (experiments/benchmark_step.py's "LLVM -O3" variant is the A/B; one `--quick --no-torch`
+run: the one-device step compiled in 6.8 s against 8.8 s, 567 against 573 ms per step), and a
+clean-clone `make test` of 771 s of pytest against 882 s at -O3 (one run each). The low bits of
+a result may differ from -O3's; the whole suite passes at -O2. The train and serving steps
 compile with it (`TRAIN_CPU_OPTIONS`, `SERVING_CPU_OPTIONS`); `dsv3-train` and the test session
 also set it for every other program of the process (`XLA_FLAGS_O2` via `with_process_flags`).
 """
@@ -25,13 +25,18 @@ LLVM_O2 = {"xla_backend_optimization_level": 2}
 XLA_FLAGS_O2 = ("--xla_backend_optimization_level=2",)
 
 
-def with_process_flags(current: str = "") -> str:
-  """`current` (an XLA_FLAGS value) with each of `XLA_FLAGS_O2` appended unless `current`
-  already sets that flag (a caller's own level wins). Takes effect only when set before jax
-  creates its backend; it applies to every backend's LLVM (XLA:GPU's too)."""
+def append_flags(current: str, flags: tuple[str, ...]) -> str:
+  """`current` (an XLA_FLAGS value) with each `--name=value` of `flags` appended unless
+  `current` already sets that name (the caller's own value wins)."""
   have = {f.split("=", 1)[0] for f in current.split()}
-  extra = [f for f in XLA_FLAGS_O2 if f.split("=", 1)[0] not in have]
+  extra = [f for f in flags if f.split("=", 1)[0] not in have]
   return " ".join([current] * bool(current) + extra)
+
+
+def with_process_flags(current: str = "") -> str:
+  """`append_flags(current, XLA_FLAGS_O2)`. Takes effect only when set before jax creates its
+  backend; it applies to every backend's LLVM (XLA:GPU's too)."""
+  return append_flags(current, XLA_FLAGS_O2)
 
 
 def cpu_jit(fn, options: dict, **kwargs):

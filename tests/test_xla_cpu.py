@@ -1,6 +1,8 @@
 """xla_cpu.cpu_jit: the options reach XLA:CPU's compiler, are copied when jitted, and {} means
 XLA's defaults."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,12 +45,8 @@ def test_process_flags_add_llvm_o2_once_and_a_callers_level_wins():
           == "--xla_backend_optimization_level=3")
 
 
-def test_the_train_and_serving_steps_compile_at_llvm_o2():
-  from dsv3_jax.infer import steps
-  from dsv3_jax.train import step
-  for options in (step.TRAIN_CPU_OPTIONS, steps.SERVING_CPU_OPTIONS):
-    assert options["xla_backend_optimization_level"] == 2
-    assert options["xla_cpu_experimental_ynn_fusion_type"] == ""
-  # The session runs every program at -O2, as dsv3-train does (tests/conftest.py).
-  import os
-  assert "--xla_backend_optimization_level=2" in os.environ["XLA_FLAGS"].split()
+def test_the_session_runs_every_program_at_llvm_o2_as_dsv3_train_does():
+  # tests/conftest.py appended it to the device-count flag it set.
+  flags = os.environ["XLA_FLAGS"].split()
+  assert "--xla_backend_optimization_level=2" in flags
+  assert any(f.startswith("--xla_force_host_platform_device_count=") for f in flags)

@@ -115,11 +115,9 @@ def xla_flags(current: str = "") -> str:
   """`current` (an XLA_FLAGS value) with each of `XLA_MEMORY_FLAGS` appended unless `current`
   already sets that flag; `current` unchanged with DSV3_MEMORY_DEFAULTS=1. Takes effect only
   when set before jax creates its CPU backend."""
-  if not _enabled():
-    return current
-  have = {f.split("=", 1)[0] for f in current.split()}
-  extra = [f for f in XLA_MEMORY_FLAGS if f.split("=", 1)[0] not in have]
-  return " ".join([current] * bool(current) + extra)
+  from dsv3_jax import xla_cpu  # does not import jax
+
+  return xla_cpu.append_flags(current, XLA_MEMORY_FLAGS) if _enabled() else current
 
 
 def trim() -> bool:
