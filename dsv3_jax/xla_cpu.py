@@ -30,8 +30,8 @@ XLA_FLAGS_O2 = ("--xla_backend_optimization_level=2",)
 def append_flags(current: str, flags: tuple[str, ...]) -> str:
   """`current` (an XLA_FLAGS value) with each `--name=value` of `flags` appended unless
   `current` already sets that name (the caller's own value wins)."""
-  have = {f.split("=", 1)[0] for f in current.split()}
-  extra = [f for f in flags if f.split("=", 1)[0] not in have]
+  have = flag_names(current)
+  extra = [f for f in flags if f.split("=", 1)[0].lstrip("-") not in have]
   return " ".join([current] * bool(current) + extra)
 
 
@@ -41,20 +41,34 @@ def with_process_flags(current: str = "") -> str:
   return append_flags(current, XLA_FLAGS_O2)
 
 
+def flag_names(flags: str) -> set[str]:
+  """The DebugOptions field names an XLA_FLAGS value sets ("--a=1 --b" -> {"a", "b"})."""
+  return {f.split("=", 1)[0].lstrip("-") for f in flags.split()}
+
+
 def cpu_jit(fn, options: dict, **kwargs):
   """`jax.jit(fn, **kwargs)`, compiled with XLA:CPU compiler options on a CPU backend.
+
+  A field the process's XLA_FLAGS already sets is left out of the options: the user's own
+  value wins there as it does in `append_flags` (e.g. `XLA_FLAGS=--xla_backend_optimization_level=3
+  dsv3-train ...` compiles the train step at -O3; per-jit options would otherwise override it).
 
   Args:
     fn, kwargs: as `jax.jit`.
     options: XLA DebugOptions fields to strings or values (e.g. `NO_YNNPACK`), passed as
       `compiler_options` when the default backend is CPU; {} (or a `compiler_options` in
-      `kwargs`) compiles with XLA's defaults. Copied now: later changes to the dict do nothing.
+      `kwargs`) compiles with XLA's defaults. Copied now, with XLA_FLAGS as it is now: later
+      changes to either do nothing.
 
   Returns:
     The jitted function (lowering or calling it compiles with the options).
   """
+  import os
+
   import jax
 
+  user = flag_names(os.environ.get("XLA_FLAGS", ""))
+  options = {k: v for k, v in options.items() if k not in user}
   if jax.default_backend() == "cpu" and options:
-    kwargs.setdefault("compiler_options", dict(options))
+    kwargs.setdefault("compiler_options", options)
   return jax.jit(fn, **kwargs)

@@ -50,3 +50,19 @@ def test_the_session_runs_every_program_at_llvm_o2_as_dsv3_train_does():
   flags = os.environ["XLA_FLAGS"].split()
   assert "--xla_backend_optimization_level=2" in flags
   assert any(f.startswith("--xla_force_host_platform_device_count=") for f in flags)
+
+
+def test_a_field_set_in_xla_flags_is_left_out_of_the_jit_options(monkeypatch):
+  # A user's XLA_FLAGS level reaches the train step (found by a new-user trial: per-jit
+  # options override XLA_FLAGS, so -O3 there used to reach only the small helper programs).
+  from dsv3_jax.train import step
+
+  # XLA_FLAGS is read here by cpu_jit only (the session's backend parsed it long before).
+  x = jnp.ones((2, 2))
+  monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=3 --xla_cpu_no_such_dsv3")
+  fn = xla_cpu.cpu_jit(_f, {**step.TRAIN_CPU_OPTIONS, "xla_cpu_no_such_dsv3": "1"})
+  np.testing.assert_allclose(fn(x), np.tanh(2.0) * 2 * np.ones(2), rtol=1e-6)  # field dropped
+  assert xla_cpu.flag_names("--a=1 --b -c=2") == {"a", "b", "c"}
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+  with pytest.raises(Exception, match="xla_cpu_no_such_dsv3"):
+    xla_cpu.cpu_jit(_f, {"xla_cpu_no_such_dsv3": "1"}).lower(x).compile()
