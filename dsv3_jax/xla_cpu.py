@@ -46,12 +46,22 @@ def flag_names(flags: str) -> set[str]:
   return {f.split("=", 1)[0].lstrip("-") for f in flags.split()}
 
 
+def jit_options(options: dict) -> dict:
+  """The compiler options `cpu_jit` passes: a copy of `options` (DebugOptions field -> value)
+  without the fields the process's XLA_FLAGS sets now, whose values win (jax's per-jit
+  `compiler_options` would otherwise override XLA_FLAGS)."""
+  import os
+
+  user = flag_names(os.environ.get("XLA_FLAGS", ""))
+  return {k: v for k, v in options.items() if k not in user}
+
+
 def cpu_jit(fn, options: dict, **kwargs):
   """`jax.jit(fn, **kwargs)`, compiled with XLA:CPU compiler options on a CPU backend.
 
-  A field the process's XLA_FLAGS already sets is left out of the options: the user's own
-  value wins there as it does in `append_flags` (e.g. `XLA_FLAGS=--xla_backend_optimization_level=3
-  dsv3-train ...` compiles the train step at -O3; per-jit options would otherwise override it).
+  A field the process's XLA_FLAGS already sets is left out of the options (`jit_options`): the
+  user's own value wins, as in `append_flags`; e.g. with
+  `XLA_FLAGS=--xla_backend_optimization_level=3` dsv3-train compiles its train step at -O3.
 
   Args:
     fn, kwargs: as `jax.jit`.
@@ -63,12 +73,9 @@ def cpu_jit(fn, options: dict, **kwargs):
   Returns:
     The jitted function (lowering or calling it compiles with the options).
   """
-  import os
-
   import jax
 
-  user = flag_names(os.environ.get("XLA_FLAGS", ""))
-  options = {k: v for k, v in options.items() if k not in user}
+  options = jit_options(options)
   if jax.default_backend() == "cpu" and options:
     kwargs.setdefault("compiler_options", options)
   return jax.jit(fn, **kwargs)

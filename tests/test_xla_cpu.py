@@ -59,7 +59,10 @@ def test_a_field_set_in_xla_flags_is_left_out_of_the_jit_options(monkeypatch):
 
   # XLA_FLAGS is read here by cpu_jit only (the session's backend parsed it long before).
   x = jnp.ones((2, 2))
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+  assert xla_cpu.jit_options(step.TRAIN_CPU_OPTIONS) == step.TRAIN_CPU_OPTIONS
   monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=3 --xla_cpu_no_such_dsv3")
+  assert xla_cpu.jit_options(step.TRAIN_CPU_OPTIONS) == xla_cpu.NO_YNNPACK  # -O3 wins
   fn = xla_cpu.cpu_jit(_f, {**step.TRAIN_CPU_OPTIONS, "xla_cpu_no_such_dsv3": "1"})
   np.testing.assert_allclose(fn(x), np.tanh(2.0) * 2 * np.ones(2), rtol=1e-6)  # field dropped
   assert xla_cpu.flag_names("--a=1 --b -c=2") == {"a", "b", "c"}
