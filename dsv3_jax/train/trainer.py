@@ -212,9 +212,14 @@ def _build(cfg, model_cfg: ModelConfig, log,
 
     mesh = make_mesh(cfg.mesh.nodes, cfg.mesh.gpus_per_node, cfg.mesh.get("ep_nodes"),
                      devices=cluster_devices(n_dev))
-    # Every gloo communicator of the mesh's axes before the first collective (members of a
-    # group reaching its first collective > ~30 s apart fail or hang; see the function).
-    warm_up_collectives(mesh, log=log)
+    # Every gloo communicator the job uses before its first collective (members of a group
+    # reaching its first collective > ~30 s apart fail or hang; see the function): each mesh
+    # axis, and the whole mesh, which the flat all_to_all and the cross-process gathers of the
+    # checks use (`integrity._host`; the first one can run on a restore, where a process that
+    # found its slices damaged arrives long before one still reading and verifying its own).
+    sized = [a for a in reversed(mesh.axis_names) if mesh.shape[a] > 1]
+    warm_up_collectives(mesh, axes=sized + ([tuple(mesh.axis_names)] if len(sized) > 1 else []),
+                        log=log)
     # The same seed on every process: the same initial values, placed slice by slice.
     model = Transformer(model_cfg, mesh=mesh, rngs=nnx.Rngs(t.seed))
     state = nnx.state(model)
