@@ -101,14 +101,26 @@ def _two_level_loop(seg_start, seg_len, seg_expert, window, tail_window, make_bo
   return _window_loop(seg_start, full, seg_expert, window, make_body(window), carry)
 
 
-def _grouped_forward(x, segs, w_gate, w_up, w_down, window, gemms, act_dtype, keep_activations,
+def pad_rows(rows: int, window: int, tail_window: Optional[int] = None) -> int:
+  """Padding rows the window loops need after `rows` sorted rows (static): a tail window, or
+  with no tail window any window, may run up to its size minus one rows past its segment, and
+  a `window`-row slice must fit in the buffer even when no full window runs."""
+  tail = tail_window if tail_window is not None and tail_window < window else window
+  return max(tail, window - rows)
+
+
+def _pad(x, rows):
+  return jnp.concatenate([x, jnp.zeros((rows,) + x.shape[1:], x.dtype)])
+
+
+def _grouped_forward(xp, segs, w_gate, w_up, w_down, window, gemms, act_dtype, keep_activations,
                      tail_window=None):
-  """y [R + window, D] in x.dtype, and when `keep_activations` the gate and up
-  pre-activations [R + window, F] each in `act_dtype`."""
-  r, d = x.shape
+  """xp: [R + pad_rows, D], the rows with `pad_rows(R, window, tail_window)` padding rows last.
+  Returns y [R + pad_rows, D] in xp.dtype, and when `keep_activations` the gate and up
+  pre-activations [R + pad_rows, F] each in `act_dtype`."""
+  rp, d = xp.shape
   f = w_gate.shape[-1]
-  xp = jnp.concatenate([x, jnp.zeros((window, d), x.dtype)])
-  like = (x, *segs, w_gate, w_up, w_down)
+  like = (xp, *segs, w_gate, w_up, w_down)
 
   def make_body(window):
     return partial(body, window)
@@ -116,7 +128,7 @@ def _grouped_forward(x, segs, w_gate, w_up, w_down, window, gemms, act_dtype, ke
   def body(window, e, start, _, carry):
     xw = lax.dynamic_slice_in_dim(xp, start, window)
     gate, up = gemms.forward(xw, w_gate[e]), gemms.forward(xw, w_up[e])
-    out = gemms.forward(gemms.activation(jax.nn.silu(gate) * up), w_down[e]).astype(x.dtype)
+    out = gemms.forward(gemms.activation(jax.nn.silu(gate) * up), w_down[e]).astype(xp.dtype)
     # Rows past the segment's end belong to later segments (or the padding tail): windows run
     # in increasing row order, so the later window overwrites them with the right values.
     out = lax.dynamic_update_slice_in_dim(carry[0], out, start, 0)
@@ -125,22 +137,22 @@ def _grouped_forward(x, segs, w_gate, w_up, w_down, window, gemms, act_dtype, ke
     return (out, lax.dynamic_update_slice_in_dim(carry[1], gate.astype(act_dtype), start, 0),
             lax.dynamic_update_slice_in_dim(carry[2], up.astype(act_dtype), start, 0))
 
-  init = (zeros_varying_like((r + window, d), x.dtype, *like),)
+  init = (zeros_varying_like((rp, d), xp.dtype, *like),)
   if keep_activations:
-    init += (zeros_varying_like((r + window, f), act_dtype, *like),) * 2
+    init += (zeros_varying_like((rp, f), act_dtype, *like),) * 2
   return _two_level_loop(*segs, window, tail_window, make_body, init)
 
 
-def _grouped_backward(x, dy, gate_all, up_all, segs, w_gate, w_up, w_down, grad_dtype, window,
+def _grouped_backward(xp, dyp, gate_all, up_all, segs, w_gate, w_up, w_down, grad_dtype, window,
                       gemms, tail_window=None):
-  """(dx [R, D] in x.dtype, dW_gate, dW_up, dW_down in `grad_dtype`), unsummed over devices.
+  """(dx [R + pad_rows, D] in xp.dtype, dW_gate, dW_up, dW_down in `grad_dtype`), unsummed
+  over devices; xp, dyp, gate_all, up_all: [R + pad_rows, .] as `_grouped_forward`'s.
 
   Rows of a window outside its segment are zeroed in x, dy and the activation, so they add
   nothing to the weight gradients (and never set an FP8 scale).
   """
-  r, d = x.shape
-  xp = jnp.concatenate([x, jnp.zeros((window, d), x.dtype)])
-  dyp = jnp.concatenate([dy.astype(x.dtype), jnp.zeros((window, d), x.dtype)])
+  rp, d = xp.shape
+  dyp = dyp.astype(xp.dtype)
 
   def make_body(window):
     return partial(body, window)
@@ -161,19 +173,17 @@ def _grouped_backward(x, dy, gate_all, up_all, segs, w_gate, w_up, w_down, grad_
     dwg = dwg.at[e].add(gemms.wgrad(xw, d_pre).astype(grad_dtype))
     dwu = dwu.at[e].add(gemms.wgrad(xw, d_up).astype(grad_dtype))
     dxw = gemms.dgrad(d_pre, w_gate[e]) + gemms.dgrad(d_up, w_up[e])
-    return lax.dynamic_update_slice_in_dim(dx, dxw.astype(x.dtype), start, 0), dwg, dwu, dwd
+    return lax.dynamic_update_slice_in_dim(dx, dxw.astype(xp.dtype), start, 0), dwg, dwu, dwd
 
-  like = (x, dy, *segs, w_gate, w_up, w_down)
-  init = (zeros_varying_like((r + window, d), x.dtype, *like),) + tuple(
+  like = (xp, dyp, *segs, w_gate, w_up, w_down)
+  init = (zeros_varying_like((rp, d), xp.dtype, *like),) + tuple(
       zeros_varying_like(w.shape, grad_dtype, *like) for w in (w_gate, w_up, w_down))
-  dx, dwg, dwu, dwd = _two_level_loop(*segs, window, tail_window, make_body, init)
-  return dx[:r], dwg, dwu, dwd
+  return _two_level_loop(*segs, window, tail_window, make_body, init)
 
 
 # --------------------------------------------------------------------------- float kernel
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(7, 8))
 def grouped_swiglu(x, seg_start, seg_len, seg_expert, w_gate, w_up, w_down, window: int = 128,
                    tail_window: Optional[int] = None):
   """y[r] = down_e(silu(gate_e(x[r])) * up_e(x[r])), e = the expert of row r's segment.
@@ -193,27 +203,44 @@ def grouped_swiglu(x, seg_start, seg_len, seg_expert, w_gate, w_up, w_down, wind
   Returns:
     [R, D] in x.dtype; rows outside every segment are unspecified (callers mask them).
   """
-  segs = (seg_start, seg_len, seg_expert)
-  return _grouped_forward(x, segs, w_gate, w_up, w_down, window, _FLOAT_GEMMS, x.dtype,
-                          keep_activations=False, tail_window=tail_window)[0][:x.shape[0]]
+  r = x.shape[0]
+  xp = _pad(x, pad_rows(r, window, tail_window))
+  return grouped_swiglu_padded(xp, seg_start, seg_len, seg_expert, w_gate, w_up, w_down,
+                               window, tail_window)[:r]
 
 
-def _fwd_rule(x, seg_start, seg_len, seg_expert, w_gate, w_up, w_down, window, tail_window):
+@partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def grouped_swiglu_padded(xp, seg_start, seg_len, seg_expert, w_gate, w_up, w_down,
+                          window: int = 128, tail_window: Optional[int] = None):
+  """`grouped_swiglu` on rows that carry their own padding: xp [R + pad_rows(R, window,
+  tail_window), D] -> [R + pad_rows, D] in xp.dtype. The last pad_rows rows belong to no
+  segment; the window loops read them (their outputs are unspecified).
+
+  `expert_compute` gathers its sorted rows straight into this shape, so neither pass copies
+  [R, D] rows into a padded buffer or slices the padding off again (the cotangent arrives
+  padded too).
+  """
   segs = (seg_start, seg_len, seg_expert)
-  y, gate, up = _grouped_forward(x, segs, w_gate, w_up, w_down, window, _FLOAT_GEMMS, x.dtype,
-                                 keep_activations=True, tail_window=tail_window)
-  return y[:x.shape[0]], (x, gate, up, segs, w_gate, w_up, w_down)
+  return _grouped_forward(xp, segs, w_gate, w_up, w_down, window, _FLOAT_GEMMS, xp.dtype,
+                          keep_activations=False, tail_window=tail_window)[0]
+
+
+def _fwd_rule(xp, seg_start, seg_len, seg_expert, w_gate, w_up, w_down, window, tail_window):
+  segs = (seg_start, seg_len, seg_expert)
+  y, gate, up = _grouped_forward(xp, segs, w_gate, w_up, w_down, window, _FLOAT_GEMMS,
+                                 xp.dtype, keep_activations=True, tail_window=tail_window)
+  return y, (xp, gate, up, segs, w_gate, w_up, w_down)
 
 
 def _bwd_rule(window, tail_window, res, dy):
-  x, gate, up, segs, w_gate, w_up, w_down = res
-  dx, dwg, dwu, dwd = _grouped_backward(x, dy, gate, up, segs, w_gate, w_up, w_down,
+  xp, gate, up, segs, w_gate, w_up, w_down = res
+  dx, dwg, dwu, dwd = _grouped_backward(xp, dy, gate, up, segs, w_gate, w_up, w_down,
                                         w_gate.dtype, window, _FLOAT_GEMMS, tail_window)
   return (dx, None, None, None, sum_to_type_of(dwg, w_gate), sum_to_type_of(dwu, w_up),
           sum_to_type_of(dwd, w_down))
 
 
-grouped_swiglu.defvjp(_fwd_rule, _bwd_rule)
+grouped_swiglu_padded.defvjp(_fwd_rule, _bwd_rule)
 
 
 # --------------------------------------------------------------------------- FP8 kernel
@@ -290,7 +317,7 @@ def _fp8_fwd_rule(x, seg_start, seg_len, seg_expert, w_gate, w_up, w_down, windo
                   keep_activations=True):
   recipe = fp8_lib.Fp8Recipe() if recipe is None else recipe
   segs = (seg_start, seg_len, seg_expert)
-  xq = _qdq_rows(x.astype(jnp.float32), recipe, recipe.fmt_forward)  # [R, D]
+  xq = _pad(_qdq_rows(x.astype(jnp.float32), recipe, recipe.fmt_forward), window)  # [R + W, D]
   wg, wu, wd = _quantized_weights(w_gate, w_up, w_down, recipe)
   out = _grouped_forward(xq, segs, wg, wu, wd, window, _fp8_gemms(recipe), jnp.float32,
                          keep_activations)
@@ -307,10 +334,11 @@ def _fp8_fwd_rule(x, seg_start, seg_len, seg_expert, w_gate, w_up, w_down, windo
 def _fp8_bwd_rule(window, recipe, res, dy):
   recipe = fp8_lib.Fp8Recipe() if recipe is None else recipe
   xq, gate, up, segs, wg, wu, wd, (x_like, w_like) = res
-  dx, dwg, dwu, dwd = _grouped_backward(xq, dy, gate, up, segs, wg, wu, wd, w_like.dtype,
-                                        window, _fp8_gemms(recipe))
+  dx, dwg, dwu, dwd = _grouped_backward(xq, _pad(dy.astype(jnp.float32), window), gate, up,
+                                        segs, wg, wu, wd, w_like.dtype, window,
+                                        _fp8_gemms(recipe))
   # wg, wu, wd vary over the same mesh axes as the primal weights.
-  return (dx.astype(x_like.dtype), None, None, None, sum_to_type_of(dwg, wg),
+  return (dx[:dy.shape[0]].astype(x_like.dtype), None, None, None, sum_to_type_of(dwg, wg),
           sum_to_type_of(dwu, wu), sum_to_type_of(dwd, wd))
 
 
@@ -355,12 +383,16 @@ def expert_compute(rows: jax.Array, expert: jax.Array, w_gate: jax.Array, w_up: 
                                                        unique_indices=True)
   bounds = jnp.searchsorted(key[order], jnp.arange(e_local + 1, dtype=jnp.int32), side="left")
   seg_start, seg_len = bounds[:-1], bounds[1:] - bounds[:-1]
-  sorted_rows = take_rows(rows, order, position[:, None])
   segs = (seg_start.astype(jnp.int32), seg_len.astype(jnp.int32),
           jnp.arange(e_local, dtype=jnp.int32))
   if fp8_recipe is None:
-    out = grouped_swiglu(sorted_rows, *segs, w_gate, w_up, w_down, window, tail_window)
+    # The sorted rows are gathered with the kernel's padding rows (index -1: zeros) after them.
+    pad = jnp.full((pad_rows(n, window, tail_window),), -1, jnp.int32)
+    order = jnp.concatenate([order, pad])
+    sorted_rows = take_rows(rows, order, position[:, None])
+    out = grouped_swiglu_padded(sorted_rows, *segs, w_gate, w_up, w_down, window, tail_window)
   else:
+    sorted_rows = take_rows(rows, order, position[:, None])
     out = grouped_swiglu_fp8(sorted_rows, *segs, w_gate, w_up, w_down, window, fp8_recipe)
   out = take_rows(out, position, order[:, None])
   return jnp.where((expert >= 0)[:, None], out, jnp.zeros((), out.dtype))
