@@ -6,15 +6,19 @@ XLA's buffer assignment places every intermediate value at an offset. This scrip
 train step of configs/orion_4x8.py as the trainer builds it, with XLA's dump of that assignment
 (`--xla_dump_to`, into a temporary directory), and reads two of its files:
 
-* `...-buffer-assignment.txt`: every value of the preallocated-temp allocation and its bytes;
+* `...-buffer-assignment.txt`: every value of the preallocated-temp allocation, its bytes and
+  its offset in the slab;
 * `...-live-range.txt`: the program's instruction sequence and each value's live range in it.
 
-The live bytes at each point of the sequence are the sum over the values live there; the peak is
-the largest. The values live at the peak are grouped by shape, and a shape is named by what
-produces it at the main job's dims (R = 32 source devices x capacity rows received by a device's
-expert, plus the grouped kernel's padding; T tokens per device, k experts per token).
+The live bytes at each point of the sequence are the bytes of the slab covered by the values
+live there (the union of their [offset, offset + size) ranges: a value updated in place, e.g. a
+loop-carried buffer and the dynamic-update-slice that writes it, shares its bytes with another
+and counts once); the peak is the largest. The buffers live at the peak (values with the same
+offset and size counted once) are grouped by shape, and a shape is named by what produces it at
+the main job's dims (R = 32 source devices x capacity rows received by a device's expert, plus
+the grouped kernel's padding; T tokens per device, k experts per token).
 
-Writes results/train_step_buffers.{md,csv,png}.
+Writes <--out>/train_step_buffers.{md,csv,png} (default results/).
 
     python experiments/train_step_buffers.py [--out results]
 """
@@ -34,14 +38,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIB = 2**20
 
 _VALUE = re.compile(r"\s*value: <\d+ (\S+?)(\{[^}]*\})?(?: \(phi\))? @\d+> "
-                    r"\(size=(\d+),offset=\d+\): (\S+)")
+                    r"\(size=(\d+),offset=(\d+)\): (\S+)")
 _RANGE = re.compile(r"\s+(\S+?\{[^}]*\}):(\d+)-(\d+)$")
 _SEQ = re.compile(r"\s+(\d+):(\S+)$")
 
 
-def temp_values(assignment_text: str) -> list[tuple[str, int, str]]:
-  """(value name with its tuple index, bytes, shape) of every value in the preallocated-temp
-  allocation of an XLA `-buffer-assignment.txt` dump."""
+def temp_values(assignment_text: str) -> list[tuple[str, int, int, str]]:
+  """(value name with its tuple index, bytes, offset in the slab, shape) of every value in the
+  preallocated-temp allocation of an XLA `-buffer-assignment.txt` dump."""
   out, in_temp = [], False
   for line in assignment_text.splitlines():
     if line.startswith("allocation"):
@@ -49,7 +53,8 @@ def temp_values(assignment_text: str) -> list[tuple[str, int, str]]:
       continue
     m = _VALUE.match(line) if in_temp else None
     if m:
-      out.append((m.group(1) + (m.group(2) or "{}"), int(m.group(3)), m.group(4).split("{")[0]))
+      out.append((m.group(1) + (m.group(2) or "{}"), int(m.group(3)), int(m.group(4)),
+                  m.group(5).split("{")[0]))
   return out
 
 
@@ -68,21 +73,38 @@ def live_ranges(live_range_text: str) -> tuple[list[str], dict[str, tuple[int, i
   return [seq[i] for i in range(len(seq))], ranges
 
 
+def _union_bytes(spans) -> int:
+  """Bytes covered by [start, end) spans."""
+  total, reach = 0, -1
+  for a, b in sorted(spans):
+    if b > reach:
+      total += b - max(a, reach)
+      reach = b
+  return total
+
+
 def live_profile(values, ranges, n: int):
-  """(live bytes at each of the n positions, peak position, [(name, bytes, shape)] live at the
-  peak, bytes of values without a live range)."""
-  live = [0] * n
+  """(slab bytes covered by live values at each of the n positions, peak position, [(name,
+  bytes, offset, shape)] of the buffers live at the peak (one per offset and size), bytes of
+  values without a live range)."""
+  starts = collections.defaultdict(list)
   unplaced = 0
-  for name, size, _ in values:
-    if name not in ranges:
-      unplaced += size
+  for v in values:
+    if v[0] not in ranges:
+      unplaced += v[1]
       continue
-    a, b = ranges[name]
-    for t in range(a, min(b, n - 1) + 1):
-      live[t] += size
+    a, b = ranges[v[0]]
+    starts[a].append((min(b, n - 1), v))
+  live, active = [], []
+  for t in range(n):
+    active = [(b, v) for b, v in active if b >= t] + starts.get(t, [])
+    live.append(_union_bytes((v[2], v[2] + v[1]) for _, v in active))
   peak = max(range(n), key=live.__getitem__)
-  at_peak = [v for v in values if v[0] in ranges and ranges[v[0]][0] <= peak <= ranges[v[0]][1]]
-  return live, peak, at_peak, unplaced
+  at_peak = {}
+  for v in values:
+    if v[0] in ranges and ranges[v[0]][0] <= peak <= ranges[v[0]][1]:
+      at_peak.setdefault((v[2], v[1]), v)
+  return live, peak, list(at_peak.values()), unplaced
 
 
 def compile_main_job_step(dump_dir: str):
@@ -90,7 +112,7 @@ def compile_main_job_step(dump_dir: str):
   dump on; returns (job, memory analysis). Must run before jax is imported."""
   from dsv3_jax.train import memory
   os.environ["XLA_FLAGS"] = memory.xla_flags(
-      "--xla_force_host_platform_device_count=32") + (
+      os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=32") + (
       f" --xla_dump_to={dump_dir} --xla_dump_hlo_module_re=.*train_step.*")
   sys.path.insert(0, ROOT)
   from configs import orion_4x8
@@ -131,6 +153,7 @@ def main(argv=None) -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--out", default=os.path.join(ROOT, "results"), help="output folder")
   args = ap.parse_args(argv)
+  os.makedirs(args.out, exist_ok=True)  # a bad --out fails here, before the compile
   with tempfile.TemporaryDirectory() as dump:
     job, mem = compile_main_job_step(dump)
     files = {kind: glob.glob(os.path.join(dump, f"*jit_train_step*after_optimizations-{kind}.txt"))
@@ -142,52 +165,16 @@ def main(argv=None) -> None:
   live, peak, at_peak, unplaced = live_profile(values, ranges, len(seq))
   names = shape_names(job)
   by_shape = collections.defaultdict(lambda: [0, 0])
-  for _, size, shape in at_peak:
+  for _, size, _, shape in at_peak:
     by_shape[shape][0] += 1
     by_shape[shape][1] += size
   rows = sorted(by_shape.items(), key=lambda kv: -kv[1][1])
   moe = sum(b for s, (_, b) in rows if s in names)
+  capacity_sized = sum(b for s, (_, b) in rows if s in names and not s.startswith(
+      f"f32[{job.tokens_per_step // job.n_dev},"))
   total = sum(b for _, (_, b) in rows)
-  os.makedirs(args.out, exist_ok=True)
   base = os.path.join(args.out, "train_step_buffers")
-  with open(base + ".csv", "w", newline="") as fh:
-    w = csv.writer(fh)
-    w.writerow(["shape", "values_live_at_peak", "mib", "what"])
-    for s, (c, b) in rows:
-      w.writerow([s, c, f"{b / MIB:.3f}", names.get(s, "")])
-  top = rows[:12]
-  lines = [
-      "# Main job's train step: what is live at its memory peak, per device",
-      "",
-      "Generated by `experiments/train_step_buffers.py` (configs/orion_4x8.py, 32 emulated "
-      "devices; XLA's buffer assignment and live ranges of the compiled train step, read from "
-      "its `--xla_dump_to` dump). Per device: temporaries (XLA memory analysis) "
-      f"{mem.temp_size_in_bytes / MIB:.1f} MiB, arguments {mem.argument_size_in_bytes / MIB:.1f} "
-      f"MiB. The temp slab holds {len(values)} values; at the peak (position {peak} of "
-      f"{len(seq)}, `{seq[peak]}`) {len(at_peak)} of them are live, {total / MIB:.1f} MiB by "
-      "their live ranges (the slab can be a little smaller: XLA shares an offset between "
-      f"values that it proves do not overlap; {unplaced / MIB:.1f} MiB of values have no live "
-      "range in the dump).",
-      "",
-      f"The MoE shapes below hold {moe / MIB:.1f} MiB ({100 * moe / max(total, 1):.0f} %) at "
-      "the peak. Their row count is the receive capacity, not the load: a device sizes its "
-      "expert's buffers for 32 sources x the capacity (3 x the balanced load, "
-      "`model.capacity_factor`), so these terms scale with the capacity factor and with the "
-      "activation dtype. Everything else (attention and MLA activations kept for the backward, "
-      "the dense layer, norms, the backward's working set) is the rest.",
-      "",
-      "| shape | values live at the peak | MiB | what |",
-      "|---|---:|---:|---|",
-  ]
-  for s, (c, b) in top:
-    lines.append(f"| `{s}` | {c} | {b / MIB:.2f} | {names.get(s, '')} |")
-  rest = rows[len(top):]
-  lines.append(f"| {len(rest)} other shapes | {sum(c for _, (c, _) in rest)} | "
-               f"{sum(b for _, (_, b) in rest) / MIB:.2f} | |")
-  lines += ["", "Every shape: train_step_buffers.csv. Live bytes over the program: "
-            "train_step_buffers.png.", ""]
-  with open(base + ".md", "w") as fh:
-    fh.write("\n".join(lines))
+  # The figure first and the .md last: the .md names the other two files.
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -199,6 +186,46 @@ def main(argv=None) -> None:
   ax.set_title("configs/orion_4x8.py train step: forward, then backward and update")
   fig.tight_layout()
   fig.savefig(base + ".png", dpi=120)
+  with open(base + ".csv", "w", newline="") as fh:
+    w = csv.writer(fh)
+    w.writerow(["shape", "buffers_live_at_peak", "mib", "what"])
+    for s, (c, b) in rows:
+      w.writerow([s, c, f"{b / MIB:.3f}", names.get(s, "")])
+  top = rows[:12]
+  lines = [
+      "# Main job's train step: what is live at its memory peak, per device",
+      "",
+      "Generated by `experiments/train_step_buffers.py` (configs/orion_4x8.py, 32 emulated "
+      "devices; XLA's buffer assignment and live ranges of the compiled train step, read from "
+      "its `--xla_dump_to` dump). Per device: temporaries (XLA memory analysis) "
+      f"{mem.temp_size_in_bytes / MIB:.1f} MiB, arguments {mem.argument_size_in_bytes / MIB:.1f} "
+      f"MiB. The temp slab holds {len(values)} values; at the peak (position {peak} of "
+      f"{len(seq)}, `{seq[peak]}`) {len(at_peak)} buffers are live (values that share an "
+      f"offset and size, e.g. a buffer updated in place, counted once), {total / MIB:.1f} MiB "
+      f"({live[peak] / MIB:.1f} MiB of the slab by their byte ranges; {unplaced / MIB:.1f} "
+      "MiB of values have no live range in the dump).",
+      "",
+      f"The MoE shapes below hold {moe / MIB:.1f} MiB ({100 * moe / max(total, 1):.0f} %) at "
+      f"the peak; {capacity_sized / MIB:.1f} MiB ({100 * capacity_sized / max(total, 1):.0f} "
+      "%) are capacity-sized: their row count is the receive capacity, not the load (a device "
+      "sizes its expert's buffers for 32 sources x the capacity, 3 x the balanced load, "
+      "`model.capacity_factor`), so they scale with the capacity factor and with the "
+      "activation dtype; the tokens' k expert outputs scale with the tokens. Everything else "
+      "(attention and MLA activations kept for the backward, the dense layer, norms, the "
+      "backward's working set) is the rest.",
+      "",
+      "| shape | buffers live at the peak | MiB | what |",
+      "|---|---:|---:|---|",
+  ]
+  for s, (c, b) in top:
+    lines.append(f"| `{s}` | {c} | {b / MIB:.2f} | {names.get(s, '')} |")
+  rest = rows[len(top):]
+  lines.append(f"| {len(rest)} other shapes | {sum(c for _, (c, _) in rest)} | "
+               f"{sum(b for _, (_, b) in rest) / MIB:.2f} | |")
+  lines += ["", "Every shape: train_step_buffers.csv. Live bytes over the program: "
+            "train_step_buffers.png.", ""]
+  with open(base + ".md", "w") as fh:
+    fh.write("\n".join(lines))
   print("\n".join(lines))
 
 

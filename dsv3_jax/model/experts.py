@@ -358,9 +358,9 @@ def expert_compute(rows: jax.Array, expert: jax.Array, w_gate: jax.Array, w_up: 
                    tail_window: Optional[int] = FLOAT_TAIL_WINDOW) -> jax.Array:
   """Applies each row's local expert, at the cost of the valid rows only.
 
-  Rows are stably sorted by expert (invalid rows last), run through `grouped_swiglu` (or
-  `grouped_swiglu_fp8` when `fp8_recipe` is set, report §3.3), and put back in their original
-  order. This is the `experts` callable the dispatch schedules run on received rows.
+  Rows are stably sorted by expert (invalid rows last; gathered with the kernel's padding
+  rows after them), run through `grouped_swiglu_padded` (or `grouped_swiglu_fp8` when
+  `fp8_recipe` is set, report §3.3), and put back in their original order. This is the `experts` callable the dispatch schedules run on received rows.
 
   Args:
     rows: [N, D] (compute dtype).
