@@ -153,7 +153,11 @@ def main(argv=None) -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--out", default=os.path.join(ROOT, "results"), help="output folder")
   args = ap.parse_args(argv)
-  os.makedirs(args.out, exist_ok=True)  # a bad --out fails here, before the compile
+  try:  # a bad --out fails here, before the compile
+    os.makedirs(args.out, exist_ok=True)
+  except OSError as e:
+    ap.error(f"--out={args.out}: {e.strerror}; allowed: a folder that can be created or "
+             "written")
   with tempfile.TemporaryDirectory() as dump:
     job, mem = compile_main_job_step(dump)
     files = {kind: glob.glob(os.path.join(dump, f"*jit_train_step*after_optimizations-{kind}.txt"))
