@@ -126,26 +126,32 @@ def compile_main_job_step(dump_dir: str):
   return job, compiled.memory_analysis()
 
 
-def shape_names(job) -> dict[str, str]:
-  """{shape: what it is} for the MoE shapes of the main job's step (float32)."""
-  from dsv3_jax.model.experts import FLOAT_TAIL_WINDOW, pad_rows
+def shape_names(job) -> dict[str, tuple[str, bool]]:
+  """{shape: (what it is, whether its rows are the receive capacity)} for the MoE shapes of the
+  main job's step (float32; the grouped kernel's window and tail window as `expert_compute`
+  runs them in training)."""
+  import inspect
 
+  from dsv3_jax.model.experts import expert_compute, pad_rows
+
+  kw = inspect.signature(expert_compute).parameters
   mc = job.model_cfg
   n_dev = job.n_dev
   cap = job.initial_capacity[0]
   r = n_dev * cap
-  rp = r + pad_rows(r, 128, FLOAT_TAIL_WINDOW)
+  rp = r + pad_rows(r, kw["window"].default, kw["tail_window"].default)
   t = job.tokens_per_step // n_dev
   d, f, k = mc.hidden_size, mc.moe_intermediate_size, mc.num_experts_per_tok
   return {
-      f"f32[{rp},{d}]": f"MoE: a device's received rows sorted by expert, padded (R = {n_dev} "
-                        f"x {cap} + {rp - r}), the kernel's input kept for the backward, and "
-                        "its output / input gradient",
-      f"f32[{rp},{f}]": "MoE: the routed experts' gate and up pre-activations kept for the "
-                        "backward",
-      f"f32[{n_dev},{cap},{d}]": "MoE: the all_to_all send / receive buffers",
-      f"f32[{r},1,{d}]": "MoE: the all_to_all receive buffer as rows",
-      f"f32[{t},{k},{d}]": "MoE: each token's k expert outputs, kept for the gate gradient",
+      f"f32[{rp},{d}]": (f"MoE: a device's received rows sorted by expert, padded (R = {n_dev} "
+                         f"x {cap} + {rp - r}), the kernel's input kept for the backward, and "
+                         "its output / input gradient", True),
+      f"f32[{rp},{f}]": ("MoE: the routed experts' gate and up pre-activations kept for the "
+                         "backward", True),
+      f"f32[{n_dev},{cap},{d}]": ("MoE: the all_to_all send / receive buffers", True),
+      f"f32[{r},1,{d}]": ("MoE: the all_to_all receive buffer as rows", True),
+      f"f32[{t},{k},{d}]": ("MoE: each token's k expert outputs, kept for the gate gradient",
+                            False),
   }
 
 
@@ -174,8 +180,7 @@ def main(argv=None) -> None:
     by_shape[shape][1] += size
   rows = sorted(by_shape.items(), key=lambda kv: -kv[1][1])
   moe = sum(b for s, (_, b) in rows if s in names)
-  capacity_sized = sum(b for s, (_, b) in rows if s in names and not s.startswith(
-      f"f32[{job.tokens_per_step // job.n_dev},"))
+  capacity_sized = sum(b for s, (_, b) in rows if s in names and names[s][1])
   total = sum(b for _, (_, b) in rows)
   base = os.path.join(args.out, "train_step_buffers")
   # The figure first and the .md last: the .md names the other two files.
@@ -194,7 +199,7 @@ def main(argv=None) -> None:
     w = csv.writer(fh)
     w.writerow(["shape", "buffers_live_at_peak", "mib", "what"])
     for s, (c, b) in rows:
-      w.writerow([s, c, f"{b / MIB:.3f}", names.get(s, "")])
+      w.writerow([s, c, f"{b / MIB:.3f}", names.get(s, ("",))[0]])
   top = rows[:12]
   lines = [
       "# Main job's train step: what is live at its memory peak, per device",
@@ -222,7 +227,7 @@ def main(argv=None) -> None:
       "|---|---:|---:|---|",
   ]
   for s, (c, b) in top:
-    lines.append(f"| `{s}` | {c} | {b / MIB:.2f} | {names.get(s, '')} |")
+    lines.append(f"| `{s}` | {c} | {b / MIB:.2f} | {names.get(s, ('',))[0]} |")
   rest = rows[len(top):]
   lines.append(f"| {len(rest)} other shapes | {sum(c for _, (c, _) in rest)} | "
                f"{sum(b for _, (_, b) in rest) / MIB:.2f} | |")

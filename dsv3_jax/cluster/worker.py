@@ -80,7 +80,8 @@ _WARM_UP_CALLS = [0]  # distinct barrier names per call (every process calls in 
 
 
 def warm_up_collectives(mesh, timeout_s: float = 600.0, axes: Optional[Sequence] = None,
-                        log: Optional[Callable[[str], None]] = None) -> dict[str, float]:
+                        log: Optional[Callable[[str], None]] = None,
+                        whole_mesh: bool = False) -> dict[str, float]:
   """Creates every gloo communicator of `mesh` up front: one tiny psum per mesh axis, minor
   axis first, each as its own jitted program started behind a cross-process `barrier`.
 
@@ -123,6 +124,11 @@ def warm_up_collectives(mesh, timeout_s: float = 600.0, axes: Optional[Sequence]
     axes: axis names (or tuples of names, one communicator per tuple) to warm up, in order;
       default: every axis of size > 1, minor (last) axis first.
     log: called with one line per axis (default: `logging.info` of this module's logger).
+    whole_mesh: also, last, the group of all the mesh's devices (all axes as one tuple) when
+      more than one axis has size > 1: the group of a collective over every axis (the flat
+      all_to_all) and of `multihost_utils.process_allgather` of a mesh-sharded array. Off by
+      default: at 2048 devices one communicator over all of them costs more than the
+      per-axis ones together.
 
   Returns:
     {axis name (tuple names joined by "+"): seconds from the barrier to the psum's result on
@@ -139,6 +145,8 @@ def warm_up_collectives(mesh, timeout_s: float = 600.0, axes: Optional[Sequence]
   names = tuple(mesh.axis_names)
   if axes is None:
     axes = [a for a in reversed(names) if mesh.shape[a] > 1]
+    if whole_mesh and len(axes) > 1:
+      axes.append(names)
   groups = [tuple(a) if isinstance(a, (tuple, list)) else (a,) for a in axes]
   for g in groups:
     bad = [a for a in g if a not in names]

@@ -102,9 +102,19 @@ def _two_level_loop(seg_start, seg_len, seg_expert, window, tail_window, make_bo
 
 
 def pad_rows(rows: int, window: int, tail_window: Optional[int] = None) -> int:
-  """Padding rows the window loops need after `rows` sorted rows (static): a tail window, or
-  with no tail window any window, may run up to its size minus one rows past its segment, and
-  a `window`-row slice must fit in the buffer even when no full window runs."""
+  """Padding rows the window loops need after `rows` sorted rows.
+
+  A tail window (or, with no tail window, any window) may read and write up to its size minus
+  one rows past its segment's end, and a `window`-row slice must fit in the buffer even when no
+  full window runs.
+
+  Args:
+    rows: R, the sorted rows (static int).
+    window, tail_window: as `grouped_swiglu`'s (static).
+
+  Returns:
+    max(tail window, window - R) rows (int): `grouped_swiglu_padded` takes R + that many rows.
+  """
   tail = tail_window if tail_window is not None and tail_window < window else window
   return max(tail, window - rows)
 
@@ -212,13 +222,21 @@ def grouped_swiglu(x, seg_start, seg_len, seg_expert, w_gate, w_up, w_down, wind
 @partial(jax.custom_vjp, nondiff_argnums=(7, 8))
 def grouped_swiglu_padded(xp, seg_start, seg_len, seg_expert, w_gate, w_up, w_down,
                           window: int = 128, tail_window: Optional[int] = None):
-  """`grouped_swiglu` on rows that carry their own padding: xp [R + pad_rows(R, window,
-  tail_window), D] -> [R + pad_rows, D] in xp.dtype. The last pad_rows rows belong to no
-  segment; the window loops read them (their outputs are unspecified).
+  """`grouped_swiglu` on rows that carry their own padding.
 
   `expert_compute` gathers its sorted rows straight into this shape, so neither pass copies
   [R, D] rows into a padded buffer or slices the padding off again (the cotangent arrives
   padded too).
+
+  Args:
+    xp: [R + pad_rows(R, window, tail_window), D] rows, sorted as for `grouped_swiglu`; the
+      last pad_rows rows belong to no segment (the window loops read them; zeros keep them
+      finite).
+    seg_start, seg_len, seg_expert, w_gate, w_up, w_down, window, tail_window: as
+      `grouped_swiglu`'s.
+
+  Returns:
+    [R + pad_rows, D] in xp.dtype; rows outside every segment are unspecified.
   """
   segs = (seg_start, seg_len, seg_expert)
   return _grouped_forward(xp, segs, w_gate, w_up, w_down, window, _FLOAT_GEMMS, xp.dtype,
@@ -317,7 +335,8 @@ def _fp8_fwd_rule(x, seg_start, seg_len, seg_expert, w_gate, w_up, w_down, windo
                   keep_activations=True):
   recipe = fp8_lib.Fp8Recipe() if recipe is None else recipe
   segs = (seg_start, seg_len, seg_expert)
-  xq = _pad(_qdq_rows(x.astype(jnp.float32), recipe, recipe.fmt_forward), window)  # [R + W, D]
+  pad = pad_rows(x.shape[0], window)
+  xq = _pad(_qdq_rows(x.astype(jnp.float32), recipe, recipe.fmt_forward), pad)  # [R + pad, D]
   wg, wu, wd = _quantized_weights(w_gate, w_up, w_down, recipe)
   out = _grouped_forward(xq, segs, wg, wu, wd, window, _fp8_gemms(recipe), jnp.float32,
                          keep_activations)
@@ -334,7 +353,8 @@ def _fp8_fwd_rule(x, seg_start, seg_len, seg_expert, w_gate, w_up, w_down, windo
 def _fp8_bwd_rule(window, recipe, res, dy):
   recipe = fp8_lib.Fp8Recipe() if recipe is None else recipe
   xq, gate, up, segs, wg, wu, wd, (x_like, w_like) = res
-  dx, dwg, dwu, dwd = _grouped_backward(xq, _pad(dy.astype(jnp.float32), window), gate, up,
+  pad = xq.shape[0] - dy.shape[0]
+  dx, dwg, dwu, dwd = _grouped_backward(xq, _pad(dy.astype(jnp.float32), pad), gate, up,
                                         segs, wg, wu, wd, w_like.dtype, window,
                                         _fp8_gemms(recipe))
   # wg, wu, wd vary over the same mesh axes as the primal weights.
@@ -360,7 +380,8 @@ def expert_compute(rows: jax.Array, expert: jax.Array, w_gate: jax.Array, w_up: 
 
   Rows are stably sorted by expert (invalid rows last; gathered with the kernel's padding
   rows after them), run through `grouped_swiglu_padded` (or `grouped_swiglu_fp8` when
-  `fp8_recipe` is set, report §3.3), and put back in their original order. This is the `experts` callable the dispatch schedules run on received rows.
+  `fp8_recipe` is set, report §3.3), and put back in their original order. This is the
+  `experts` callable the dispatch schedules run on received rows.
 
   Args:
     rows: [N, D] (compute dtype).

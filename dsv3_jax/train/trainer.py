@@ -217,9 +217,7 @@ def _build(cfg, model_cfg: ModelConfig, log,
     # axis, and the whole mesh, which the flat all_to_all and the cross-process gathers of the
     # checks use (`integrity._host`; the first one can run on a restore, where a process that
     # found its slices damaged arrives long before one still reading and verifying its own).
-    sized = [a for a in reversed(mesh.axis_names) if mesh.shape[a] > 1]
-    warm_up_collectives(mesh, axes=sized + ([tuple(mesh.axis_names)] if len(sized) > 1 else []),
-                        log=log)
+    warm_up_collectives(mesh, log=log, whole_mesh=True)
     # The same seed on every process: the same initial values, placed slice by slice.
     model = Transformer(model_cfg, mesh=mesh, rngs=nnx.Rngs(t.seed))
     state = nnx.state(model)
